@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['METHODS', 'field_help', 'resolve_model', 'build_parser', 'cmd_train', 'cmd_eval', 'main']
 
-# %% ../nbs/99_cli.ipynb #0e4b1408
+# %% ../nbs/99_cli.ipynb #11631180
 import argparse
 import dataclasses
 import inspect
@@ -21,10 +21,10 @@ from .sft import SFT, warm_start
 from .tasks import get_task
 from .train import TrainConfig, read_metrics, train
 
-# %% ../nbs/99_cli.ipynb #030e8528
+# %% ../nbs/99_cli.ipynb #6437e5b0
 METHODS = {m.name: m for m in (SFT,)}
 
-# %% ../nbs/99_cli.ipynb #c7b5881c
+# %% ../nbs/99_cli.ipynb #0c42e9b7
 def field_help(cls) -> dict:  # field name -> the comment on its line
     "Comments of a dataclass's fields, read from its source."
     src = inspect.getsource(cls)
@@ -54,6 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {int: int, float: float, "int": int, "float": float}.get(f.type, str)
             t.add_argument(flag, dest=f.name, type=kind, default=None, help=h + " (default: the method's)")
+    seen = set()
+    for m in METHODS.values():  # each method's own hyperparameters, e.g. --clip-eps
+        if m.options is None:
+            continue
+        mh = field_help(type(m.options))
+        for f in dataclasses.fields(m.options):
+            if f.name in seen or f.name in helps or f.name == "method":
+                continue
+            seen.add(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            users = ", ".join(x.name for x in METHODS.values() if x.options is not None and
+                              f.name in {g.name for g in dataclasses.fields(x.options)})
+            h = f"{mh.get(f.name, '')} [{users}] (default: the method's)"
+            default = getattr(m.options, f.name)
+            if isinstance(default, bool):
+                t.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+            else:
+                t.add_argument(flag, dest=f.name, type=type(default) if default is not None else str,
+                               default=None, help=h)
     e = sub.add_parser("eval", help="held-out accuracy of a policy on a task",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--model", default="tiny-sft", help="policy: name, hub id, folder, or 'tiny-sft'")
@@ -65,14 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu, cuda, ...")
     return p
 
-# %% ../nbs/99_cli.ipynb #e8594fa1
+# %% ../nbs/99_cli.ipynb #2cc91766
 def cmd_train(args) -> dict:  # the final evaluation
     method = METHODS[args.method]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     given.setdefault("out", f"runs/{method.name}-{given.get('task', method.defaults.get('task', 'addition'))}")
     cfg = method.config(**given)
+    options = None
+    if method.options is not None:
+        names = {f.name for f in dataclasses.fields(method.options)}
+        options = dataclasses.replace(method.options, **{k: v for k, v in vars(args).items()
+                                                         if k in names and v is not None})
+    for k, v in vars(args).items():  # a hyperparameter of another method is a mistake, not a no-op
+        if v is not None and k not in given and k not in ("command", "method") and (
+                options is None or k not in {f.name for f in dataclasses.fields(options)}):
+            raise RLBookError(f"--{k.replace('_', '-')} is not a setting of method {method.name!r}")
     cfg.model = resolve_model(cfg.model, cfg.task, cfg.progress)
-    kwargs = method.setup(cfg) if method.setup else {}
+    kwargs = method.setup(cfg, options) if method.setup else {}
+    if options is not None:
+        kwargs["options"] = options
     print(f"[rlbook] {method.name} on {cfg.task} with {cfg.model}: {cfg.steps} steps x {cfg.batch_size} sequences"
           f" -> {cfg.out}", file=sys.stderr)
     t0 = time.time()

@@ -6,11 +6,11 @@
 __all__ = ['AGGREGATIONS', 'KL_ESTIMATORS', 'token_logprobs', 'token_entropy', 'position_ids_from_mask', 'completion_logprobs',
            'token_mean', 'seq_mean', 'seq_sum', 'constant_norm', 'kl_k1', 'kl_k2', 'kl_k3', 'exact_kl_gradients']
 
-# %% ../nbs/02_logprobs.ipynb #5133e885
+# %% ../nbs/02_logprobs.ipynb #f25b4123
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/02_logprobs.ipynb #1fe203e9
+# %% ../nbs/02_logprobs.ipynb #575b5d59
 def token_logprobs(
     logits: torch.Tensor,  # (B, T, V) next-token logits
     ids: torch.Tensor,  # (B, T) the tokens whose log-probability we want
@@ -27,7 +27,7 @@ def token_logprobs(
         out.append(picked - torch.logsumexp(lg, dim=-1))  # (b, T)
     return torch.cat(out)
 
-# %% ../nbs/02_logprobs.ipynb #252ef013
+# %% ../nbs/02_logprobs.ipynb #29ce5303
 def token_entropy(
     logits: torch.Tensor,  # (B, T, V)
     temperature: float = 1.0,  # the sampling temperature
@@ -43,7 +43,7 @@ def token_entropy(
         out.append(torch.logsumexp(lg, -1) - (p * lg).sum(-1))
     return torch.cat(out)
 
-# %% ../nbs/02_logprobs.ipynb #6e70fc57
+# %% ../nbs/02_logprobs.ipynb #d5cf5964
 def position_ids_from_mask(
     attention_mask: torch.Tensor,  # (B, L) 1 for real tokens, 0 for padding
 ) -> torch.Tensor:  # (B, L) positions 0, 1, ... counted over real tokens only
@@ -75,7 +75,7 @@ def completion_logprobs(
             res["entropy"] = token_entropy(logits, temperature)
     return res
 
-# %% ../nbs/02_logprobs.ipynb #13e56cc4
+# %% ../nbs/02_logprobs.ipynb #d2282532
 def token_mean(
     x: torch.Tensor,  # (B, T) per-token values
     mask: torch.Tensor,  # (B, T) 1 = token counts
@@ -129,7 +129,7 @@ def constant_norm(
 
 AGGREGATIONS = {"token_mean": token_mean, "seq_mean": seq_mean, "seq_sum": seq_sum, "constant": constant_norm}
 
-# %% ../nbs/02_logprobs.ipynb #09783b1d
+# %% ../nbs/02_logprobs.ipynb #5b00decf
 def kl_k1(
     logp: torch.Tensor,  # (B, T) log pi_theta of the sampled tokens
     ref_logp: torch.Tensor,  # (B, T) log pi_ref of the same tokens
@@ -157,7 +157,7 @@ def kl_k3(
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
-# %% ../nbs/02_logprobs.ipynb #99346ca0
+# %% ../nbs/02_logprobs.ipynb #374f1472
 def exact_kl_gradients(
     theta: torch.Tensor,  # (K,) logits of the policy
     ref_logits: torch.Tensor,  # (K,) logits of the reference

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SFT', 'WARM_START', 'sft_loss', 'sft_collect', 'sft_step', 'cache_root', 'warm_start']
 
-# %% ../nbs/05_sft.ipynb #d875cf6b
+# %% ../nbs/05_sft.ipynb #bd733828
 import hashlib
 import json
 import os
@@ -20,7 +20,7 @@ from .models import RLBookError, load_policy
 from .rollout import encode_pairs
 from .train import Method, Run, TrainConfig, shard, step_seed, train
 
-# %% ../nbs/05_sft.ipynb #5ce97a99
+# %% ../nbs/05_sft.ipynb #1c4ff230
 def sft_loss(
     logp: torch.Tensor,  # (B, T) log pi_theta of the target tokens
     mask: torch.Tensor,  # (B, T) 1 = target token (EOS included)
@@ -30,7 +30,7 @@ def sft_loss(
     "Negative log-likelihood, token mean over the batch, @eq-sft."
     return -token_mean(logp, mask, n_tokens=n_tokens), {}
 
-# %% ../nbs/05_sft.ipynb #fa3c2e8c
+# %% ../nbs/05_sft.ipynb #4e91c384
 def sft_collect(run: Run) -> tuple[dict, dict]:  # batch in rollout layout, no statistics
     "This process's share of the step's worked examples, encoded as prompt | solution + EOS."
     ex = shard(run.task.sample(run.cfg.batch_size, seed=step_seed(run.cfg.seed, run.step), split="train"), run)
@@ -45,12 +45,12 @@ def sft_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
 
 SFT = Method(
     name="sft", collect=sft_collect, loss=sft_step,
-    defaults=dict(steps=300, batch_size=64, lr=3e-3, warmup_steps=20, max_new_tokens=8, eval_every=50),
+    defaults=dict(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50, max_new_tokens=8, eval_every=250),
     help="supervised fine-tuning on the task's worked solutions (the warm start)")
 
-# %% ../nbs/05_sft.ipynb #243604d8
-WARM_START = dict(model="tiny", task="addition", steps=300, batch_size=64, lr=3e-3, warmup_steps=20,
-                  max_new_tokens=8, eval_every=50, eval_n=200, seed=0)
+# %% ../nbs/05_sft.ipynb #d55a53e4
+WARM_START = dict(model="tiny", task="addition", steps=1500, batch_size=64, lr=1e-3, warmup_steps=50,
+                  max_new_tokens=8, eval_every=250, eval_n=200, seed=0)
 
 
 def cache_root() -> Path:  # $RLBOOK_CACHE or ~/.cache/rlbook

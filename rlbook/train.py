@@ -7,7 +7,7 @@ __all__ = ['TrainConfig', 'check_config', 'step_seed', 'Run', 'Method', 'shard',
            'batch_rows', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'read_metrics', 'plot_metrics',
            'train']
 
-# %% ../nbs/04_train.ipynb #0fa831ad
+# %% ../nbs/04_train.ipynb #d6b29f70
 import json
 import math
 import os
@@ -26,7 +26,7 @@ from .models import RLBookError, load_policy, seed_everything
 from .rollout import evaluate, generate, model_context
 from .tasks import get_task
 
-# %% ../nbs/04_train.ipynb #22c7907e
+# %% ../nbs/04_train.ipynb #0a8e205e
 @dataclass
 class TrainConfig:
     "Settings every run shares; methods add their own config for their hyperparameters."
@@ -59,7 +59,7 @@ class TrainConfig:
     def n_prompts(self) -> int:  # prompts per step, all processes together
         return self.batch_size // self.group_size
 
-# %% ../nbs/04_train.ipynb #8b472d9b
+# %% ../nbs/04_train.ipynb #e7e878cb
 def check_config(
     cfg: TrainConfig,  # the configuration to validate
     world: int = 1,  # number of processes
@@ -91,7 +91,7 @@ def check_config(
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise RLBookError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.mixed_precision!r}")
 
-# %% ../nbs/04_train.ipynb #870e3aaf
+# %% ../nbs/04_train.ipynb #d7674e57
 def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:  # a 63-bit seed for (seed, step, rank, salt)
     "Deterministic per-step seed, independent of how much randomness earlier steps consumed."
     return int(np.random.SeedSequence([seed, step, rank, salt]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -107,6 +107,7 @@ class Run:
     accelerator: Accelerator  # device placement, mixed precision, processes
     ref: torch.nn.Module | None = None  # frozen reference policy, if the method uses one
     modules: dict = field(default_factory=dict)  # other trainable modules (value head, reward model...)
+    options: object = None  # the method's own hyperparameters (a dataclass such as GRPOConfig)
     step: int = 0  # the step being collected / trained
 
     @property
@@ -128,7 +129,7 @@ class Run:
     def generator(self, salt: int = 0) -> torch.Generator:  # CPU generator for this (seed, step, rank, salt)
         return torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step, self.rank, salt))
 
-# %% ../nbs/04_train.ipynb #a1db8be9
+# %% ../nbs/04_train.ipynb #f3f3e8da
 @dataclass
 class Method:
     "A training method: what it collects, what it minimises, and the defaults it prefers."
@@ -136,13 +137,14 @@ class Method:
     collect: object  # collect(run) -> (batch, stats)
     loss: object  # loss(run, microbatch) -> (loss, stats)
     defaults: dict = field(default_factory=dict)  # TrainConfig values this method prefers
-    setup: object = None  # setup(cfg) -> dict of extra train() keyword arguments (ref, modules, task)
+    options: object = None  # the method's own hyperparameters (a dataclass instance), passed to train()
+    setup: object = None  # setup(cfg, options) -> dict of extra train() keyword arguments (ref, modules, task)
     help: str = ""  # one line for `rlbook train --help`
 
     def config(self, **overrides) -> TrainConfig:  # TrainConfig from the method's defaults and the overrides
         return TrainConfig(**{**self.defaults, **overrides})
 
-# %% ../nbs/04_train.ipynb #4f7d6a56
+# %% ../nbs/04_train.ipynb #b6597baf
 def shard(
     items: list,  # the step's items, identical on every process
     run: Run,  # gives rank and world size
@@ -189,7 +191,7 @@ def collect_rollouts(
              "truncated/frac": ro.truncated.float().mean().item()}
     return batch, stats
 
-# %% ../nbs/04_train.ipynb #806f8078
+# %% ../nbs/04_train.ipynb #6a9ffe4c
 def take(
     batch: dict,  # tensors / lists with a common leading dimension
     idx: torch.Tensor,  # (b,) row indices
@@ -209,7 +211,7 @@ def take(
 def batch_rows(batch: dict) -> int:  # the common leading dimension
     return next(len(v) for v in batch.values() if (torch.is_tensor(v) and v.dim() > 0) or isinstance(v, list))
 
-# %% ../nbs/04_train.ipynb #dbcf4d8e
+# %% ../nbs/04_train.ipynb #bcb94cce
 def save_checkpoint(
     run: Run,  # the run to save
     optimizer,  # its optimizer
@@ -267,7 +269,7 @@ def load_checkpoint(
     torch.set_rng_state(state["rng"]["torch"])
     return json.loads((path / "progress.json").read_text())["step"]
 
-# %% ../nbs/04_train.ipynb #ba60b7fe
+# %% ../nbs/04_train.ipynb #61d01620
 def read_metrics(path: str | Path) -> list:  # one dict per logged step
     "Rows of a metrics.jsonl file."
     p = Path(path)
@@ -307,7 +309,7 @@ def plot_metrics(
         plt.close(fig)
     return fig
 
-# %% ../nbs/04_train.ipynb #ced3c5fd
+# %% ../nbs/04_train.ipynb #4b562361
 def train(
     cfg: TrainConfig,  # what to train, how long, where to write
     collect,  # collect(run) -> (batch dict, stats dict): this process's share of one step's data
@@ -320,6 +322,7 @@ def train(
     task=None,  # a Task object (default: get_task(cfg.task))
     evaluate_fn=None,  # evaluate_fn(run) -> dict of eval metrics (default: held-out accuracy on the task)
     make_optimizer=None,  # make_optimizer(params, cfg) -> torch optimizer (default: AdamW with cfg.lr, cfg.weight_decay)
+    options=None,  # the method's own hyperparameters, available to collect and loss as run.options
 ) -> Run:  # the finished run (policy trained in place); metrics in cfg.out
     "The book's one training loop (see the algorithm above)."
     accelerator = Accelerator(cpu=(cfg.device == "cpu"), mixed_precision=cfg.mixed_precision)
@@ -338,7 +341,7 @@ def train(
     policy, optimizer = accelerator.prepare(policy, optimizer)
     modules = {k: accelerator.prepare(m) for k, m in modules.items()}
     run = Run(cfg=cfg, policy=policy, tokenizer=tokenizer, task=task, accelerator=accelerator, ref=ref,
-              modules=modules)
+              modules=modules, options=options)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
