@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['METHODS', 'field_help', 'resolve_model', 'build_parser', 'cmd_train', 'cmd_eval', 'main']
 
-# %% ../nbs/99_cli.ipynb #11631180
+# %% ../nbs/99_cli.ipynb #ca3807a4
 import argparse
 import dataclasses
 import inspect
@@ -21,10 +21,10 @@ from .sft import SFT, warm_start
 from .tasks import get_task
 from .train import TrainConfig, read_metrics, train
 
-# %% ../nbs/99_cli.ipynb #6437e5b0
+# %% ../nbs/99_cli.ipynb #732e2a1f
 METHODS = {m.name: m for m in (SFT,)}
 
-# %% ../nbs/99_cli.ipynb #0c42e9b7
+# %% ../nbs/99_cli.ipynb #0c537464
 def field_help(cls) -> dict:  # field name -> the comment on its line
     "Comments of a dataclass's fields, read from its source."
     src = inspect.getsource(cls)
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu, cuda, ...")
     return p
 
-# %% ../nbs/99_cli.ipynb #2cc91766
+# %% ../nbs/99_cli.ipynb #1e137af4
 def cmd_train(args) -> dict:  # the final evaluation
     method = METHODS[args.method]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SFT', 'WARM_START', 'sft_loss', 'sft_collect', 'sft_step', 'cache_root', 'warm_start']
 
-# %% ../nbs/05_sft.ipynb #bd733828
+# %% ../nbs/05_sft.ipynb #b80f1180
 import hashlib
 import json
 import os
@@ -20,7 +20,7 @@ from .models import RLBookError, load_policy
 from .rollout import encode_pairs
 from .train import Method, Run, TrainConfig, shard, step_seed, train
 
-# %% ../nbs/05_sft.ipynb #1c4ff230
+# %% ../nbs/05_sft.ipynb #54b4aba1
 def sft_loss(
     logp: torch.Tensor,  # (B, T) log pi_theta of the target tokens
     mask: torch.Tensor,  # (B, T) 1 = target token (EOS included)
@@ -30,7 +30,7 @@ def sft_loss(
     "Negative log-likelihood, token mean over the batch, @eq-sft."
     return -token_mean(logp, mask, n_tokens=n_tokens), {}
 
-# %% ../nbs/05_sft.ipynb #4e91c384
+# %% ../nbs/05_sft.ipynb #70bad497
 def sft_collect(run: Run) -> tuple[dict, dict]:  # batch in rollout layout, no statistics
     "This process's share of the step's worked examples, encoded as prompt | solution + EOS."
     ex = shard(run.task.sample(run.cfg.batch_size, seed=step_seed(run.cfg.seed, run.step), split="train"), run)
@@ -48,7 +48,7 @@ SFT = Method(
     defaults=dict(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50, max_new_tokens=8, eval_every=250),
     help="supervised fine-tuning on the task's worked solutions (the warm start)")
 
-# %% ../nbs/05_sft.ipynb #d55a53e4
+# %% ../nbs/05_sft.ipynb #cf2f91a8
 WARM_START = dict(model="tiny", task="addition", steps=1500, batch_size=64, lr=1e-3, warmup_steps=50,
                   max_new_tokens=8, eval_every=250, eval_n=200, seed=0)
 

@@ -7,7 +7,7 @@ __all__ = ['TrainConfig', 'check_config', 'step_seed', 'Run', 'Method', 'shard',
            'batch_rows', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'read_metrics', 'plot_metrics',
            'train']
 
-# %% ../nbs/04_train.ipynb #d6b29f70
+# %% ../nbs/04_train.ipynb #2ef5d676
 import json
 import math
 import os
@@ -26,7 +26,7 @@ from .models import RLBookError, load_policy, seed_everything
 from .rollout import evaluate, generate, model_context
 from .tasks import get_task
 
-# %% ../nbs/04_train.ipynb #0a8e205e
+# %% ../nbs/04_train.ipynb #9edfd289
 @dataclass
 class TrainConfig:
     "Settings every run shares; methods add their own config for their hyperparameters."
@@ -59,7 +59,7 @@ class TrainConfig:
     def n_prompts(self) -> int:  # prompts per step, all processes together
         return self.batch_size // self.group_size
 
-# %% ../nbs/04_train.ipynb #e7e878cb
+# %% ../nbs/04_train.ipynb #b669319e
 def check_config(
     cfg: TrainConfig,  # the configuration to validate
     world: int = 1,  # number of processes
@@ -91,7 +91,7 @@ def check_config(
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise RLBookError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.mixed_precision!r}")
 
-# %% ../nbs/04_train.ipynb #d7674e57
+# %% ../nbs/04_train.ipynb #f2dcfc18
 def step_seed(seed: int, step: int, rank: int = 0, salt: int = 0) -> int:  # a 63-bit seed for (seed, step, rank, salt)
     "Deterministic per-step seed, independent of how much randomness earlier steps consumed."
     return int(np.random.SeedSequence([seed, step, rank, salt]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -129,7 +129,7 @@ class Run:
     def generator(self, salt: int = 0) -> torch.Generator:  # CPU generator for this (seed, step, rank, salt)
         return torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step, self.rank, salt))
 
-# %% ../nbs/04_train.ipynb #f3f3e8da
+# %% ../nbs/04_train.ipynb #75835af3
 @dataclass
 class Method:
     "A training method: what it collects, what it minimises, and the defaults it prefers."
@@ -144,7 +144,7 @@ class Method:
     def config(self, **overrides) -> TrainConfig:  # TrainConfig from the method's defaults and the overrides
         return TrainConfig(**{**self.defaults, **overrides})
 
-# %% ../nbs/04_train.ipynb #b6597baf
+# %% ../nbs/04_train.ipynb #71d254fb
 def shard(
     items: list,  # the step's items, identical on every process
     run: Run,  # gives rank and world size
@@ -191,7 +191,7 @@ def collect_rollouts(
              "truncated/frac": ro.truncated.float().mean().item()}
     return batch, stats
 
-# %% ../nbs/04_train.ipynb #6a9ffe4c
+# %% ../nbs/04_train.ipynb #09f34d08
 def take(
     batch: dict,  # tensors / lists with a common leading dimension
     idx: torch.Tensor,  # (b,) row indices
@@ -211,7 +211,7 @@ def take(
 def batch_rows(batch: dict) -> int:  # the common leading dimension
     return next(len(v) for v in batch.values() if (torch.is_tensor(v) and v.dim() > 0) or isinstance(v, list))
 
-# %% ../nbs/04_train.ipynb #bcb94cce
+# %% ../nbs/04_train.ipynb #44dfc9bd
 def save_checkpoint(
     run: Run,  # the run to save
     optimizer,  # its optimizer
@@ -269,7 +269,7 @@ def load_checkpoint(
     torch.set_rng_state(state["rng"]["torch"])
     return json.loads((path / "progress.json").read_text())["step"]
 
-# %% ../nbs/04_train.ipynb #61d01620
+# %% ../nbs/04_train.ipynb #58935aed
 def read_metrics(path: str | Path) -> list:  # one dict per logged step
     "Rows of a metrics.jsonl file."
     p = Path(path)
@@ -309,7 +309,7 @@ def plot_metrics(
         plt.close(fig)
     return fig
 
-# %% ../nbs/04_train.ipynb #4b562361
+# %% ../nbs/04_train.ipynb #4b390789
 def train(
     cfg: TrainConfig,  # what to train, how long, where to write
     collect,  # collect(run) -> (batch dict, stats dict): this process's share of one step's data
