@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['sample_token', 'Rollout', 'model_context', 'encode_prompts', 'generate', 'encode_pairs', 'evaluate']
 
-# %% ../nbs/03_rollout.ipynb #a64d5e03
+# %% ../nbs/03_rollout.ipynb #216f92a2
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +13,7 @@ import torch
 from .logprobs import position_ids_from_mask
 from .models import RLBookError
 
-# %% ../nbs/03_rollout.ipynb #18c80b1d
+# %% ../nbs/03_rollout.ipynb #4c3b09e5
 def sample_token(
     logits: torch.Tensor,  # (B, V) next-token logits (float32)
     temperature: float = 1.0,  # 0 = greedy
@@ -34,7 +34,7 @@ def sample_token(
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 
-# %% ../nbs/03_rollout.ipynb #ce906844
+# %% ../nbs/03_rollout.ipynb #84e51a38
 @dataclass
 class Rollout:
     "A batch of sampled completions; rows i*G ... i*G+G-1 share prompt i."
@@ -61,7 +61,7 @@ class Rollout:
     def lengths(self) -> torch.Tensor:  # (B,) completion lengths, EOS included
         return self.completion_mask.sum(-1)
 
-# %% ../nbs/03_rollout.ipynb #fd61dd0a
+# %% ../nbs/03_rollout.ipynb #e34d7b59
 def model_context(model) -> int:  # the longest sequence the model accepts (positions)
     "Context length from the model config (GPT-2: n_positions; Llama/Qwen: max_position_embeddings)."
     cfg = model.config
@@ -145,7 +145,7 @@ def generate(
         prompts=rows, completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
         group_size=group_size, temperature=temperature)
 
-# %% ../nbs/03_rollout.ipynb #f82ee20a
+# %% ../nbs/03_rollout.ipynb #47d37a44
 def encode_pairs(
     tokenizer,  # tokenizer with padding_side='left', pad and EOS tokens
     prompts: list,  # B prompt strings
@@ -161,6 +161,11 @@ def encode_pairs(
     eos = [tokenizer.eos_token_id] if add_eos else []
     comp = [tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
     T = max(1, max(len(c) for c in comp))
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
+    if limit is not None and p_ids.shape[1] + T > limit:
+        i = max(range(len(comp)), key=lambda j: int(p_mask[j].sum()) + len(comp[j]))
+        raise RLBookError(f"prompt + completion of {int(p_mask[i].sum()) + len(comp[i])} tokens exceeds the context of "
+                          f"{limit} (prompt {prompts[i][:80]!r}); shorten the example or use a longer-context model")
     ids = torch.full((len(comp), T), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(comp), T, dtype=torch.long)
     for i, c in enumerate(comp):
@@ -170,7 +175,7 @@ def encode_pairs(
     return {"input_ids": torch.cat([p_ids, ids], 1), "attention_mask": torch.cat([p_mask, mask], 1),
             "completion_ids": ids, "completion_mask": mask}
 
-# %% ../nbs/03_rollout.ipynb #b997a09a
+# %% ../nbs/03_rollout.ipynb #d53d1d3f
 @torch.no_grad()
 def evaluate(
     model,  # the policy
