@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['METHODS', 'field_help', 'resolve_model', 'build_parser', 'cmd_train', 'cmd_eval', 'main']
 
-# %% ../nbs/99_cli.ipynb #ca3807a4
+# %% ../nbs/99_cli.ipynb #636152b9
 import argparse
 import dataclasses
 import inspect
@@ -16,15 +16,19 @@ import time
 from pathlib import Path
 
 from .models import RLBookError, load_policy
+from .nash import DNO, INPO, NASH_MD, SPPO
 from .rollout import evaluate
 from .sft import SFT, warm_start
 from .tasks import get_task
 from .train import TrainConfig, read_metrics, train
 
-# %% ../nbs/99_cli.ipynb #732e2a1f
-METHODS = {m.name: m for m in (SFT,)}
+# %% ../nbs/99_cli.ipynb #b555a175
+METHODS = {m.name: m for m in (
+    SFT,  # 05 supervised warm start
+    NASH_MD, INPO, SPPO, DNO,  # 51 Nash learning from general preferences
+)}
 
-# %% ../nbs/99_cli.ipynb #0c537464
+# %% ../nbs/99_cli.ipynb #45d259b1
 def field_help(cls) -> dict:  # field name -> the comment on its line
     "Comments of a dataclass's fields, read from its source."
     src = inspect.getsource(cls)
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu, cuda, ...")
     return p
 
-# %% ../nbs/99_cli.ipynb #1e137af4
+# %% ../nbs/99_cli.ipynb #ae20ec3f
 def cmd_train(args) -> dict:  # the final evaluation
     method = METHODS[args.method]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
@@ -131,6 +135,8 @@ def cmd_eval(args) -> dict:  # the evaluation metrics
 def main(argv: list | None = None) -> int:  # process exit status
     "Entry point of the `rlbook` command."
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # weight-loading bars would drown the training bar
     try:
         (cmd_train if args.command == "train" else cmd_eval)(args)
     except RLBookError as e:
