@@ -1,0 +1,298 @@
+"""Tests of the DPO chapter (rlbook.dpo): exact optima on a categorical toy, every loss against a naive loop and
+against its value at policy = reference, data validation, exact resumption, and the exercise solutions."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlbook.dpo import (CDPO, DPO, F_DIVERGENCES, FDPO, IPO, KTO, RDPO, RPO, SIMPO, DPOConfig, PreferenceTask,
+                        TaskGold, alpha_fprime, cdpo_loss, dpo_loss, encode_preferences, epoch_indices, fdpo_loss,
+                        fit_population, gold_oracle, ipo_loss, kto_loss, kto_reference_point, make_preference_pairs,
+                        pair_logprobs, pair_margin, population_pair_loss, rdpo_loss, read_pairs, rpo_loss,
+                        simpo_loss, validate_pairs)
+from rlbook.models import RLBookError, load_policy
+from rlbook.objective import optimal_policy
+from rlbook.tasks import get_task
+from rlbook.train import read_metrics, train
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- exercise solutions
+def dpo_pair_weight(h: torch.Tensor, beta: float) -> torch.Tensor:
+    "Solution: the weight beta * sigmoid(-beta h) of @eq-dpo-grad."
+    return beta * torch.sigmoid(-beta * h)
+
+
+def optimal_margin(p: torch.Tensor, beta: float) -> torch.Tensor:
+    "Solution: the margin h at DPO's optimum for preference probability p: sigmoid(beta h) = p."
+    return torch.logit(p) / beta
+
+
+def slic_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta=0.1, n_pairs=None):
+    "Solution: the hinge (SLiC-HF) loss max(0, 1 - beta h)."
+    h = pair_margin(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    per = F.relu(1 - beta * h)
+    return per.sum() / (per.shape[0] if n_pairs is None else n_pairs), {}
+
+
+def test_exercise_solutions():
+    h = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    z = torch.zeros(6, dtype=torch.float64)
+    dpo_loss(h, z, z, z, beta=0.3)[0].backward()
+    assert torch.allclose(dpo_pair_weight(h.detach(), 0.3) / 6, -h.grad)
+    p = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(torch.sigmoid(0.5 * optimal_margin(p, 0.5)), p)
+    c, r = torch.randn(4), torch.randn(4)
+    assert math.isclose(slic_loss(c, r, c, r)[0].item(), 1.0)
+    naive = sum(max(0.0, 1 - 0.5 * (c[i].item() - r[i].item())) for i in range(4)) / 4
+    assert math.isclose(slic_loss(c, r, torch.zeros(4), torch.zeros(4), beta=0.5)[0].item(), naive, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- the losses
+def _batch(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g, dtype=torch.float64) * 2 for _ in range(4)]
+
+
+def _sp(z):  # softplus(-z) = -log sigmoid(z), in floats
+    return math.log1p(math.exp(-z)) if z > -30 else -z
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5, 2.0])
+def test_pair_losses_against_naive_loops(beta):
+    c, r, rc, rr = _batch()
+    n = len(c)
+    hs = [(c[i].item() - rc[i].item()) - (r[i].item() - rr[i].item()) for i in range(n)]
+    eps = 0.15
+    expected = {
+        "dpo": (dpo_loss, {}, sum(_sp(beta * h) for h in hs) / n),
+        "ipo": (ipo_loss, {}, sum((h - 1 / (2 * beta)) ** 2 for h in hs) / n),
+        "cdpo": (cdpo_loss, {"label_smoothing": eps}, sum((1 - eps) * _sp(beta * h) + eps * _sp(-beta * h) for h in hs) / n),
+        "rdpo": (rdpo_loss, {"flip_rate": eps},
+                 sum(((1 - eps) * _sp(beta * h) - eps * _sp(-beta * h)) / (1 - 2 * eps) for h in hs) / n),
+    }
+    for name, (fn, kw, want) in expected.items():
+        assert math.isclose(fn(c, r, rc, rr, beta=beta, **kw)[0].item(), want, rel_tol=1e-10), name
+    lc, lr = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([6, 5, 4, 3, 2, 1])
+    want = sum(_sp(beta * c[i].item() / lc[i].item() - beta * r[i].item() / lr[i].item() - 0.7) for i in range(n)) / n
+    assert math.isclose(simpo_loss(c, r, lc, lr, beta=beta, gamma=0.7)[0].item(), want, rel_tol=1e-10)
+    want = sum(_sp(beta * h) for h in hs) / n + 0.4 * sum(-c[i].item() / lc[i].item() for i in range(n)) / n
+    assert math.isclose(rpo_loss(c, r, rc, rr, lc, beta=beta, alpha=0.4)[0].item(), want, rel_tol=1e-10)
+    fps = {"reverse_kl": lambda u: math.log(u) + 1, "forward_kl": lambda u: -1 / u,
+           "js": lambda u: math.log(2 * u / (1 + u)), "alpha": lambda u: (1 - u ** -0.5) / 0.5}
+    for name, fp in fps.items():
+        want = sum(_sp(beta * (fp(math.exp(c[i].item() - rc[i].item())) - fp(math.exp(r[i].item() - rr[i].item()))))
+                   for i in range(n)) / n
+        assert math.isclose(fdpo_loss(c, r, rc, rr, beta=beta, f_prime=F_DIVERGENCES[name])[0].item(), want, rel_tol=1e-9), name
+
+
+def test_kto_against_naive_loop():
+    c, r, rc, rr = _batch(1)
+    logp, ref = torch.cat([c, r]), torch.cat([rc, rr])
+    des = torch.arange(12) < 6
+    z0 = kto_reference_point(c + 1, rc)
+    assert z0.item() == pytest.approx(max(0.0, (c + 1 - rc).mean().item()))
+    want = 0.0
+    for i in range(12):
+        x = logp[i].item() - ref[i].item()
+        want += (1.0 - 1.0 / (1 + math.exp(-0.2 * (x - z0.item())))) if des[i] else (2.0 - 2.0 / (1 + math.exp(-0.2 * (z0.item() - x))))
+    assert math.isclose(kto_loss(logp, ref, des, z0, beta=0.2, lambda_d=1.0, lambda_u=2.0)[0].item(), want / 12, rel_tol=1e-10)
+
+
+def test_hand_values_at_policy_equals_reference():
+    c, r, _, _ = _batch(2)
+    lc = torch.tensor([1, 2, 3, 1, 2, 3])
+    for beta in (0.1, 1.0):
+        for fn, kw in ((dpo_loss, {}), (cdpo_loss, {"label_smoothing": 0.3}), (rdpo_loss, {"flip_rate": 0.3})):
+            assert fn(c, r, c, r, beta=beta, **kw)[0].item() == pytest.approx(math.log(2), abs=1e-12)
+        for fp in F_DIVERGENCES.values():
+            assert fdpo_loss(c, r, c, r, beta=beta, f_prime=fp)[0].item() == pytest.approx(math.log(2), abs=1e-12)
+        assert ipo_loss(c, r, c, r, beta=beta)[0].item() == pytest.approx(1 / (4 * beta ** 2))
+        assert rpo_loss(c, r, c, r, lc, beta=beta, alpha=0.5)[0].item() == pytest.approx(
+            math.log(2) + 0.5 * (-(c / lc).mean().item()))
+        des = torch.tensor([True, False] * 3)
+        assert kto_loss(c, c, des, 0.0, beta=beta, lambda_d=1.0, lambda_u=3.0)[0].item() == pytest.approx((3 * 0.5 + 3 * 1.5) / 6)
+    z = torch.zeros(6, dtype=torch.float64)
+    assert simpo_loss(z, z, lc, lc, beta=2.0, gamma=1.0)[0].item() == pytest.approx(math.log1p(math.e))
+
+
+def test_gradient_accumulation_invariance_and_weights():
+    c, r, rc, rr = _batch(3)
+    for fn in (dpo_loss, ipo_loss, cdpo_loss, rdpo_loss):
+        full = fn(c, r, rc, rr, beta=0.3)[0]
+        parts = fn(c[:2], r[:2], rc[:2], rr[:2], beta=0.3, n_pairs=6)[0] + fn(c[2:], r[2:], rc[2:], rr[2:], beta=0.3, n_pairs=6)[0]
+        assert torch.isclose(full, parts)
+
+
+def test_rdpo_is_unbiased_for_clean_dpo():
+    c, r, rc, rr = _batch(4)
+    for eps in (0.1, 0.3, 0.45):
+        noisy = (1 - eps) * rdpo_loss(c, r, rc, rr, beta=0.7, flip_rate=eps)[0] + eps * rdpo_loss(r, c, rr, rc, beta=0.7, flip_rate=eps)[0]
+        assert torch.isclose(noisy, dpo_loss(c, r, rc, rr, beta=0.7)[0])
+    with pytest.raises(RLBookError):
+        rdpo_loss(c, r, rc, rr, flip_rate=0.5)
+    with pytest.raises(RLBookError):
+        cdpo_loss(c, r, rc, rr, label_smoothing=0.6)
+
+
+# ---------------------------------------------------------------- exact optima on the categorical toy
+def _toy(seed=0, M=3, K=5):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(M, K, generator=g, dtype=torch.float64)
+    reward = torch.randn(M, K, generator=g, dtype=torch.float64)
+    mu = torch.rand(M, K, generator=g, dtype=torch.float64) + 0.2
+    return ref, reward, mu / mu.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed,beta", [(0, 0.5), (1, 1.0), (2, 0.2)])
+def test_dpo_population_optimum_is_the_tilted_reference(seed, beta):
+    ref, reward, mu = _toy(seed)
+    theta = fit_population(dpo_loss, ref, reward, mu, beta=beta)
+    assert (theta.log_softmax(-1) - optimal_policy(ref, reward, beta)).abs().max() < 1e-4
+
+
+def test_rdpo_recovers_the_optimum_under_label_noise_and_dpo_does_not():
+    ref, reward, mu = _toy(5)
+    target = optimal_policy(ref, reward, 0.5)
+    th_r = fit_population(rdpo_loss, ref, reward, mu, beta=0.5, label_noise=0.3, flip_rate=0.3)
+    th_d = fit_population(dpo_loss, ref, reward, mu, beta=0.5, label_noise=0.3)
+    assert (th_r.log_softmax(-1) - target).abs().max() < 1e-4
+    assert (th_d.log_softmax(-1) - target).abs().max() > 1e-2
+    # with two answers, DPO on noisy labels fits the noisy preference probability exactly (shrunk margin)
+    ref2, reward2, mu2 = _toy(8, M=3, K=2)
+    lp = fit_population(dpo_loss, ref2, reward2, mu2, beta=0.5, label_noise=0.3).log_softmax(-1)
+    p_noisy = 0.3 + 0.4 * torch.sigmoid(reward2[:, 0] - reward2[:, 1])
+    h = (lp[:, 0] - ref2.log_softmax(-1)[:, 0]) - (lp[:, 1] - ref2.log_softmax(-1)[:, 1])
+    assert torch.allclose(torch.sigmoid(0.5 * h), p_noisy, atol=1e-6)
+
+
+def test_ipo_population_optimum():
+    "Azar et al.: pi*(y) proportional to pi_ref(y) exp(p(y > mu) / tau), tau = beta."
+    ref, reward, mu = _toy(6)
+    beta = 0.5
+    theta = fit_population(ipo_loss, ref, reward, mu, beta=beta)
+    P = torch.sigmoid(reward[:, :, None] - reward[:, None, :])  # (M, K, K) P(y > y')
+    p_mu = (P * mu[:, None, :]).sum(-1)  # (M, K)
+    resid = theta.log_softmax(-1) - ref.log_softmax(-1) - p_mu / beta
+    assert (resid - resid.mean(-1, keepdim=True)).abs().max() < 1e-4
+
+
+def test_population_loss_at_reference_is_log2_times_pair_mass():
+    ref, reward, mu = _toy(7)
+    L = population_pair_loss(dpo_loss, ref, ref, reward, mu, beta=0.3)[0]
+    assert torch.isclose(L, math.log(2) * ((1 - (mu ** 2).sum(-1)) / 2).mean())
+
+
+# ---------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def tiny():
+    return load_policy("tiny", device="cpu")
+
+
+def test_validate_pairs_cases(tiny):
+    _, tok = tiny
+    ok = {"prompt": "1+2=", "chosen": "3", "rejected": "4"}
+    kept, st = validate_pairs([ok, dict(ok, rejected="3"), dict(ok, chosen=" "), dict(ok, prompt="1" * 127)], tok)
+    assert kept == [ok]
+    assert st == {"pairs/kept": 1, "skipped/identical": 1, "skipped/empty": 1, "skipped/too_long": 1}
+    for bad in ([{"prompt": "1", "chosen": "2"}], ["not a dict"], [dict(ok, rejected=None)], [dict(ok, chosen="4", rejected="4")]):
+        with pytest.raises(RLBookError):
+            validate_pairs(bad, tok)
+
+
+def test_read_pairs_names_bad_line(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{oops\n')
+    with pytest.raises(RLBookError, match="line 2"):
+        read_pairs(p)
+
+
+def test_make_preference_pairs_is_deterministic_and_labels_follow_gold(tiny):
+    model, tok = tiny
+    task = get_task("addition")
+    o = DPOConfig(oracle_beta=0.01)
+    a, st = make_preference_pairs(model, tok, task, gold_oracle(task, o), 20, seed=3, chunk=32)
+    b, _ = make_preference_pairs(model, tok, task, gold_oracle(task, o), 20, seed=3, chunk=32)
+    assert a == b and len(a) == 20 and st["pairs/kept"] == 20
+    assert all(p["chosen"] != p["rejected"] for p in a)
+    # with a near-deterministic annotator, the chosen answer never has a lower gold reward (ties are coin flips)
+    assert all(p["gold_chosen"] >= p["gold_rejected"] for p in a)
+    with pytest.raises(RLBookError):
+        make_preference_pairs(model, tok, task, gold_oracle(task, o), 5, seed=0, temperature=0.0)
+
+
+def test_epoch_indices_cover_each_pass():
+    idx = [i for s in range(6) for i in epoch_indices(9, 3, s, seed=1)]
+    assert sorted(idx[:9]) == list(range(9)) and sorted(idx[9:]) == list(range(9))
+
+
+def test_pair_logprobs_matches_separate_forward(tiny):
+    model, tok = tiny
+    pairs = [{"prompt": "12+34=", "chosen": "46", "rejected": "4"}, {"prompt": "9+9=", "chosen": "18", "rejected": "181"}]
+    enc = encode_preferences(tok, pairs)
+    lp = pair_logprobs(model, enc)
+    from rlbook.logprobs import completion_logprobs
+    from rlbook.rollout import encode_pairs
+    for i, p in enumerate(pairs):
+        for k in ("chosen", "rejected"):
+            e = encode_pairs(tok, [p["prompt"]], [p[k]])
+            want = (completion_logprobs(model, e["input_ids"], e["attention_mask"], e["completion_mask"].shape[1])["logp"]
+                    * e["completion_mask"]).sum()
+            assert torch.isclose(lp[f"{k}_logp"][i], want, atol=1e-5)
+            assert lp[f"{k}_len"][i].item() == len(p[k]) + 1
+
+
+# ---------------------------------------------------------------- the Methods in the loop
+@pytest.fixture(scope="module")
+def sft_path():
+    from rlbook.sft import warm_start
+    return str(warm_start(progress=False))
+
+
+@pytest.mark.parametrize("M", [DPO, IPO, CDPO, RDPO, SIMPO, FDPO, RPO, KTO], ids=lambda m: m.name)
+def test_methods_run_and_start_at_hand_value(M, sft_path, tmp_path):
+    cfg = M.config(model=sft_path, steps=2, batch_size=8, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
+    o = type(M.options)(**{**M.options.__dict__, "n_pairs": 24})
+    train(cfg, M.collect, M.loss, **M.setup(cfg, o), options=o)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    first = {"dpo": math.log(2), "cdpo": math.log(2), "rdpo": math.log(2), "fdpo": math.log(2), "ipo": 25.0, "kto": 0.5}
+    if M.name in first:
+        assert rows[0]["loss"] == pytest.approx(first[M.name], abs=1e-4)
+    assert rows[0]["pairs/kept"] == 24
+
+
+def test_resume_is_exact(sft_path, tmp_path):
+    o = DPOConfig(n_pairs=24)
+    def run(out, steps, resume):
+        cfg = DPO.config(model=sft_path, steps=steps, batch_size=8, lr=1e-3, eval_n=10, out=str(out), progress=False,
+                         device="cpu", resume=resume, save_every=2)
+        return train(cfg, DPO.collect, DPO.loss, **DPO.setup(cfg, o), options=o)
+    a = run(tmp_path / "a", 4, False)
+    run(tmp_path / "b", 2, False)
+    b = run(tmp_path / "b", 4, True)
+    la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
+    assert la == pytest.approx(lb, abs=1e-6)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_dpo_raises_margin_on_its_data(sft_path, tmp_path):
+    "Behaviour: 30 steps at lr 1e-4 raise the implicit-reward accuracy on the training pairs above chance."
+    o = DPOConfig(n_pairs=64)
+    cfg = DPO.config(model=sft_path, steps=30, batch_size=16, lr=1e-4, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
+    train(cfg, DPO.collect, DPO.loss, **DPO.setup(cfg, o), options=o)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    late = rows[-8:]
+    assert sum(r["rewards/accuracy"] for r in late) / len(late) > 0.6
+    assert sum(r["loss"] for r in late) / len(late) < math.log(2) - 0.02
+
+
+def test_offline_collect_without_setup_is_a_clear_error(sft_path, tmp_path):
+    cfg = DPO.config(model=sft_path, steps=1, batch_size=4, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
+    with pytest.raises(RLBookError, match="PreferenceTask"):
+        train(cfg, DPO.collect, DPO.loss, options=DPOConfig())
