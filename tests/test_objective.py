@@ -89,3 +89,43 @@ def test_exact_gradient_matches_autograd():
     for beta in (0.0, 0.5, 2.0):
         auto, = torch.autograd.grad(kl_regularised_objective(th, r, ref, beta).sum(), th)
         assert torch.allclose(exact_policy_gradient(th.detach(), r, ref, beta), auto)
+
+
+# ---------------------------------------------------------------- the explorer of pi* as beta moves
+def test_plot_kl_optimum_draws_the_optimal_policy():
+    import matplotlib.pyplot as plt
+    import pytest
+
+    from rlbook.objective import plot_kl_optimum
+    ref, r = toy(7, 1, 4)
+    ref, r = ref[0], r[0]
+    for beta in (0.0, 0.2, 5.0):
+        fig = plot_kl_optimum(beta, ref, r)
+        ax, ax_r = fig.axes
+        bars_ref, bars_opt = (torch.tensor([b.get_height() for b in c], dtype=torch.float64) for c in ax.containers)
+        assert torch.allclose(bars_ref, ref.softmax(-1))
+        assert torch.allclose(bars_opt, optimal_policy(ref, r, beta).exp())
+        assert torch.allclose(torch.tensor([b.get_height() for b in ax_r.containers[0]], dtype=torch.float64), r)
+        assert abs(ax_r.lines[0].get_ydata()[0] - (bars_opt * r).sum().item()) < 1e-9  # E_pi*[r]
+        plt.close(fig)
+    fig = plot_kl_optimum(0.0, ref, r)  # beta = 0: all mass on the best completion
+    assert [b.get_height() for b in fig.axes[0].containers[1]][r.argmax().item()] == pytest.approx(1.0)
+    plt.close(fig)
+
+
+def test_explore_kl_optimum_slider_and_rerender():
+    import ipywidgets
+    import pytest
+
+    from rlbook.objective import explore_kl_optimum
+    ref, r = toy(8, 1, 6)
+    w = explore_kl_optimum(ref[0], r[0])
+    s = w.children[0]
+    assert isinstance(s, ipywidgets.FloatLogSlider) and (s.base, s.min, s.max, s.value) == (10, -2, 1, 0.3)
+    kls = []
+    for beta in (10.0, 1.0, 0.1, 0.01):
+        s.value = beta
+        assert w.result["beta"] == beta
+        assert w.result["kl/ref"] == pytest.approx(categorical_kl(optimal_policy(ref[0], r[0], beta), ref[0]).item())
+        kls.append(w.result["kl/ref"])
+    assert all(b > a for a, b in zip(kls, kls[1:]))  # smaller beta, further from the reference
