@@ -210,3 +210,40 @@ def test_cartpole_ppo_learns():
     late = [r["return/mean"] for r in log[-5:] if r["return/mean"] == r["return/mean"]]
     assert sum(late) / len(late) > 2 * sum(early) / len(early)
     assert max(r["approx_kl"] for r in log) < 0.1
+
+
+# ---------------------------------------------------------------- the explorer of the clipped surrogate
+def test_plot_ppo_clip_draws_eq_ppo_clip_and_its_gradient():
+    import matplotlib.pyplot as plt
+
+    from rlbook.ppo import plot_ppo_clip
+    for eps, a, c in ((0.2, 1.0, 0.0), (0.3, -0.7, 0.0), (0.1, -1.0, 2.0)):
+        fig = plot_ppo_clip(eps, a, c)
+        ax_l, ax_g = fig.axes
+        line = next(ln for ln in ax_l.lines if ln.get_label() == "clipped ℓ(ρ)")
+        rho, obj, grad = line.get_xdata(), line.get_ydata(), ax_g.lines[-1].get_ydata()
+        assert rho.max() >= c + 1.0 - 1e-9  # the dual-clip cut is on the plot
+        for i in range(0, len(rho), 10):
+            x = float(rho[i])
+            want = min(x * a, min(max(x, 1 - eps), 1 + eps) * a)
+            if c and a < 0:
+                want = max(want, c * a)
+            assert obj[i] == pytest.approx(want, abs=1e-9)
+            if min(abs(x - k) for k in (1 - eps, 1 + eps, c)) > 0.02:
+                flat = (a > 0 and x > 1 + eps) or (a < 0 and x < 1 - eps) or (c and a < 0 and x > c)
+                assert grad[i] == pytest.approx(0.0 if flat else a, abs=1e-9)
+        plt.close(fig)
+
+
+def test_explore_ppo_clip_sliders_and_rerender():
+    import ipywidgets
+
+    from rlbook.ppo import explore_ppo_clip
+    w = explore_ppo_clip()
+    eps, adv, dual = w.children[:3]
+    assert (eps.min, eps.max, adv.min, adv.max) == (0.05, 0.5, -2.0, 2.0)
+    assert isinstance(dual, ipywidgets.Dropdown) and set(dict(dual.options).values()) == {0.0, 2.0, 3.0}
+    eps.value = 0.4
+    assert w.result["clip_eps"] == 0.4 and w.result["zero_grad"][0][0] == pytest.approx(1.4, abs=0.01)
+    adv.value = 0.0  # A = 0: the surrogate is flat, the gradient is zero everywhere
+    assert len(w.result["zero_grad"]) == 1 and w.result["zero_grad"][0][1] - w.result["zero_grad"][0][0] > 2.4
