@@ -1,0 +1,61 @@
+"""The classroom kit: every stub's checker fails on the stub and passes on its solution; the student editions are fresh."""
+import ast
+import contextlib
+import functools
+import io
+
+import pytest
+
+from rlbook.classroom import (EXCLUDED, base_namespace, chapters, find_exercises, is_stub, run_checks, solutions, stale,
+                              stub_functions)
+
+
+# --- solutions of the exercises -------------------------------------------------------------
+def stub_names(src):
+    "Top-level functions whose body is only (a docstring and) `raise NotImplementedError`."
+    return [node.name for node in ast.parse(src).body if is_stub(node)]
+
+
+# --- every checker, on its stub and on its solution --------------------------------------------
+CASES = [ex for path in chapters().values() for ex in find_exercises(path)]
+
+
+@functools.lru_cache(maxsize=None)
+def base(chapter):
+    return base_namespace(chapters()[chapter])
+
+
+def test_exercises_are_found_in_every_kind_of_chapter():
+    kinds = {ex.kind for ex in CASES}
+    assert kinds == {"exercise", "implement"}
+    assert len({ex.chapter for ex in CASES}) >= 10
+
+
+@pytest.mark.parametrize("ex", CASES, ids=[f"{ex.chapter}:{ex.label}" for ex in CASES])
+def test_checker_fails_on_the_stub_and_passes_on_the_solution(ex):
+    if any(f"{ex.chapter}:{n}" in EXCLUDED for n in ex.names):
+        pytest.skip(EXCLUDED[next(f"{ex.chapter}:{n}" for n in ex.names if f"{ex.chapter}:{n}" in EXCLUDED)])
+    ns = base(ex.chapter)
+    status, detail = run_checks(ex, stub_functions(ex, ns), ns)
+    assert status != "correct", f"{ex.chapter}: the check of {ex.label} passes on the stub"
+    status, detail = run_checks(ex, solutions(ex), ns)
+    assert status == "correct", f"{ex.chapter}: the check of {ex.label} says {status} on the solution: {detail}"
+
+
+def test_student_editions_equal_a_fresh_generation():
+    bad = stale()
+    assert not bad, "student/ is out of date; regenerate it with `rlbook exercises build`: " + ", ".join(bad)
+
+
+def test_cli_exercises():
+    from rlbook.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["exercises", "check", "10_objective"]) == 0  # the untouched student edition
+        assert main(["exercises", "check", "10_objective", "--require-all"]) == 1
+        assert main(["exercises", "check", "no_such_chapter"]) == 2
+        assert main(["exercises", "check", "10", "--notebook", "no/such/file.ipynb"]) == 2
+    assert "not attempted" in out.getvalue() and "10_objective: 0 of" in out.getvalue()
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2 and all(l.startswith("error: ") for l in lines) and "Traceback" not in err.getvalue()
+    assert "unknown chapter" in lines[0] and "no such file" in lines[1]
