@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+"""Build the book's website offline, into one folder of static HTML (Jupyter Book 1.x, MathJax served locally).
+
+    .venv/bin/python tools/build_site.py [--out _site] [--execute no]
+
+nbdev's Quarto site (`nbdev_docs`, configured by nbs/_quarto.yml) is the other build of the same notebooks; this
+one needs no Quarto and no network. The chapter list and order are read from nbs/_quarto.yml's sidebar, then the
+pages of EXTRA_PAGES are appended. Copies of the notebooks (never the originals) are preprocessed under --build:
+
+* `$$ ... $$ {#eq-x}` becomes a numbered MyST equation with label `eq-x`; `@eq-x` a link "(n)" to it (across
+  chapters too); `{#sec-x}` headings become targets and `@sec-x` links;
+* Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
+* code cells flagged `#| hide` are removed; the other `#|` directive lines are stripped (`#| export` cells stay:
+  they are the code the reader reads);
+* a committed figure named in the text as `data/results/.../x.png` is shown below that paragraph;
+* links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to GitHub;
+* each chapter gets a box under its title: CPU time of its unflagged cells (data/site/cpu_times.json), the commands
+  that run it locally and an "Open in Colab" link.
+
+Notebooks are never executed (`--execute no`, the only mode): pages show the committed outputs.
+`--measure-times` re-measures the timing table with `nbdev_test --timing` (minutes; run it once after a chapter
+changes a lot), then exits.
+"""
+import argparse
+import ast
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / "nbs"
+TIMES = ROOT / "data" / "site" / "cpu_times.json"
+# pages that are not in the Quarto sidebar, appended after the chapters (caption, [files in nbs/])
+EXTRA_PAGES = ("For instructors", ["instructor.md", "papers.md"])
+# MathJax 3 (tex-chtml) from the PyPI wheel sphinx-mathjax-offline: only what tex-chtml loads on demand is copied
+MATHJAX_PARTS = ["tex-chtml.js", "input/tex", "output/chtml", "ui", "a11y", "adaptors", "sre/speech-worker.js"]
+CALLOUTS = {"note": "note", "tip": "tip", "warning": "warning", "important": "important", "caution": "caution"}
+
+
+def settings() -> dict:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "settings.ini")
+    return dict(cfg["DEFAULT"])
+
+
+# ---------------------------------------------------------------- chapter list
+
+
+def sidebar_pages(quarto_yml: Path = NBS / "_quarto.yml") -> list:
+    """[(section caption or None, [file, ...]), ...] in the order of nbs/_quarto.yml's sidebar."""
+    q = yaml.safe_load(quarto_yml.read_text())
+    sb = q.get("website", {}).get("sidebar", {})
+    if isinstance(sb, list):  # several sidebars: the first is the book's
+        sb = sb[0]
+    parts = []
+
+    def walk(items, caption):
+        for it in items or []:
+            if isinstance(it, str):
+                f = it
+            elif isinstance(it, dict) and "section" in it:
+                walk(it.get("contents"), it["section"])
+                continue
+            elif isinstance(it, dict):
+                f = it.get("href") or it.get("file") or ""
+            else:
+                continue
+            if not (NBS / f).is_file():
+                continue  # an external link or a page not written yet
+            if not parts or parts[-1][0] != caption:
+                parts.append((caption, []))
+            parts[-1][1].append(f)
+
+    walk(sb.get("contents"), None)
+    return parts
+
+
+# ---------------------------------------------------------------- markdown rewriting
+
+EQ_LABEL = re.compile(r"\$\$[ \t]*\{#(eq-[\w-]*\w)\}")
+SEC_HEAD = re.compile(r"^(#{1,6} .*?)\s*\{#(sec-[\w-]*\w)\}[ \t]*$", re.M)
+REF = re.compile(r"(\()?(?<![\w@`/])@((?:eq|sec)-[\w-]*\w)(\))?")
+CODE_SPAN = re.compile(r"(`+)(?:.|\n)*?(?<!`)\1(?!`)")
+
+
+def outside_code(text: str, fn) -> str:
+    """Apply fn to the parts of markdown `text` outside fenced blocks and inline code spans."""
+    out = []
+    for i, block in enumerate(re.split(r"(^```.*?^```[ \t]*$)", text, flags=re.M | re.S)):
+        if i % 2:
+            out.append(block)
+            continue
+        pos = 0
+        for m in CODE_SPAN.finditer(block):
+            out.append(fn(block[pos:m.start()]))
+            out.append(m.group(0))
+            pos = m.end()
+        out.append(fn(block[pos:]))
+    return "".join(out)
+
+
+def convert_callouts(text: str) -> str:
+    """Quarto fenced divs -> MyST colon-fence admonitions (callouts) or nothing (other divs)."""
+    lines, out, stack = text.split("\n"), [], []
+    for line in lines:
+        m = re.match(r"^(:{3,})\s*(\{[^}]*\}|[\w-]+)?\s*$", line)
+        if m and m.group(2):  # an opening fence
+            attrs = m.group(2)
+            kind = re.search(r"\.callout-(\w+)", attrs)
+            title = re.search(r'title="([^"]*)"', attrs)
+            if kind:
+                adm = CALLOUTS.get(kind.group(1), "note")
+                fence = ":" * max(3, len(m.group(1)))
+                out.append(f"{fence}{{{'admonition' if title else adm}}}{' ' + title.group(1) if title else ''}")
+                if title:
+                    out.append(f":class: {adm}")
+                stack.append(fence)
+            else:
+                stack.append(None)  # a layout div: keep its content, drop the wrapper
+        elif m and stack:  # a closing fence
+            fence = stack.pop()
+            if fence:
+                out.append(fence)
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: Path) -> str:
+    if "\x08" in src or "\x0c" in src:  # "\binom" / "\frac" written into the JSON unescaped: backspace, form feed
+        print(f"warning: {page}: a control character in a markdown cell (an unescaped \\b or \\f in the "
+              f"notebook's JSON), read as TeX's backslash", file=sys.stderr)
+        src = src.replace("\x08", "\\b").replace("\x0c", "\\f")
+    src = convert_callouts(src)
+    # Quarto's labels are per page, Sphinx's global: a label is prefixed with its page's name
+    stem = page.rsplit(".", 1)[0]
+    src = EQ_LABEL.sub(lambda m: f"$$ ({stem}-{m.group(1)})", src)
+    src = SEC_HEAD.sub(lambda m: f"({stem}-{m.group(2)})=\n{m.group(1)}", src)
+
+    def refs(t):
+        def one(m):
+            label, lp, rp = m.group(2), m.group(1), m.group(3)
+            where = labels.get(label, [])
+            if page in where:
+                target = page  # this page's own label first, as Quarto does
+            elif len(where) == 1:
+                target = where[0]  # defined once, in another chapter
+            else:
+                return m.group(0)  # unknown or ambiguous: leave the text as it is (Quarto shows "?@eq-x")
+            role = "eq" if label.startswith("eq-") else "ref"
+            stem_t = target.rsplit(".", 1)[0]
+            r = f"{{{role}}}`{stem_t}-{label}`"
+            if role == "eq" and target != page:  # "(n)" alone would read as this page's equation n
+                r += f" in [chapter {stem_t.split('_')[0]}]({target})"
+            if role == "eq" and lp and rp:  # "(@eq-x)" -> "(n)", not "((n))"
+                return r
+            return (lp or "") + r + (rp or "")
+
+        t = REF.sub(one, t)
+
+        def link(m):  # [text](target): the README's nbs/ paths, other repository files to GitHub
+            text, target = m.group(1), m.group(2)
+            if re.match(r"^[a-z]+:|^#|^/", target):
+                return m.group(0)
+            path, _, anchor = target.partition("#")
+            p = (NBS / path).resolve()
+            if path.startswith("nbs/"):
+                p = (ROOT / path).resolve()
+            if p.is_file() and p.parent == NBS and p.suffix in (".ipynb", ".md"):
+                return f"[{text}]({p.name}{'#' + anchor if anchor else ''})"
+            if p.exists() and ROOT in p.parents:
+                return f"[{text}]({repo_url}/blob/main/{p.relative_to(ROOT).as_posix()})"
+            return m.group(0)
+
+        return re.sub(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)", link, t)
+
+    src = outside_code(src, refs)
+
+    figs = []  # committed figures named in the text
+    for rel in re.findall(r"`(data/results/[\w./-]+\.(?:png|svg|jpg))`", src):
+        if (ROOT / rel).is_file() and rel not in figs:
+            figs.append(rel)
+    for rel in figs:
+        dest = fig_dir / rel.replace("/", "_")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest)
+        src += f"\n\n```{{figure}} {os.path.relpath(dest, fig_dir.parent)}\n:alt: {rel}\n\n`{rel}`\n```\n"
+    return src
+
+
+def collect_labels(pages: list) -> dict:
+    """{label: [pages defining it]}"""
+    labels = {}
+    for f in pages:
+        text = (NBS / f).read_text()
+        if f.endswith(".ipynb"):
+            text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
+        for lab in re.findall(r"\{#((?:eq|sec)-[\w-]*\w)\}", text):
+            labels.setdefault(lab, []).append(f)
+    return labels
+
+
+# ---------------------------------------------------------------- chapter facts
+
+
+def load_times() -> dict:
+    return json.loads(TIMES.read_text()) if TIMES.is_file() else {}
+
+
+def chapter_facts(nb_file: str) -> dict:
+    """Module, title, subtitle, prerequisites (chapters whose modules its code imports), flagged cells."""
+    nb = json.loads((NBS / nb_file).read_text())
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    md = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    module = next((m.group(1) for s in code for m in [re.search(r"^#\|\s*default_exp\s+(\S+)", s, re.M)] if m), None)
+    title = next((m.group(1).strip() for s in md for m in [re.search(r"^# (.+)$", s, re.M)] if m), nb_file)
+    sub = next((m.group(1).strip() for s in md for m in [re.search(r"^> (.+)$", s, re.M)] if m), "")
+    imports = set()
+    for s in code:
+        imports |= set(re.findall(r"^\s*(?:from|import)\s+rlbook\.(\w+)", s, re.M))
+    flagged = sum(bool(re.search(r"^#\|\s*(slow|gpu)\b", s, re.M)) for s in code)
+    stubs = [n for s in code if "NotImplementedError" in s for n in re.findall(r"^def ([a-zA-Z]\w*)", s, re.M)]
+    return {"file": nb_file, "module": module, "title": title, "subtitle": sub, "imports": imports - {module},
+            "flagged": flagged, "stubs": stubs}
+
+
+def fmt_secs(s) -> str:
+    if s is None:
+        return "not measured yet"
+    return f"{s} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def cpu_time(nb_file: str, times: dict) -> str:
+    cpu, wall = times.get("cpu_seconds", {}).get(nb_file), times.get("wall_seconds", {}).get(nb_file)
+    if cpu is None:
+        return "not measured yet"
+    return f"{fmt_secs(cpu)} CPU" + (f" ({fmt_secs(wall)} wall on {times.get('cores', 2)} cores)" if wall else "")
+
+
+def chapter_box(nb_file: str, facts: dict, times: dict, repo_url: str) -> str:
+    flagged = facts["flagged"]
+    slow = (f" {flagged} cell{'s' if flagged > 1 else ''} flagged `slow`/`gpu` (the experiments, whose results are "
+            f"committed under `data/results/`) are not included: run them with "
+            f"`.venv/bin/nbdev_test --path nbs/{nb_file} --flags slow`.") if flagged else ""
+    colab = f"https://colab.research.google.com/github/{repo_url.split('github.com/')[-1]}/blob/main/nbs/{nb_file}"
+    return f"""```{{admonition}} Run this chapter
+:class: tip run-this-chapter
+
+**CPU time:** {cpu_time(nb_file, times)} for the cells the tests run (`{times.get("measured_with", "nbdev_test --timing")}`).{slow}
+
+**Open in Colab:** [nbs/{nb_file} on Colab]({colab})
+
+**Run locally:**
+
+    git clone {repo_url}.git && cd {repo_url.rstrip("/").split("/")[-1]}
+    ./run env
+    .venv/bin/jupyter lab nbs/{nb_file}
+```
+"""
+
+
+# ---------------------------------------------------------------- pages
+
+
+def code_cell(src: str):
+    """None for a `#| hide` cell, else the source without its `#|` directive lines."""
+    lines = src.split("\n")
+    dirs = [ln for ln in lines if ln.lstrip().startswith("#|")]
+    if any(re.match(r"^\s*#\|\s*hide\b", d) for d in dirs):
+        return None
+    body = "\n".join(ln for ln in lines if not ln.lstrip().startswith("#|")).strip("\n")
+    return body or None
+
+
+def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, repo_url: str, chapter: bool):
+    nb = json.loads((NBS / nb_file).read_text())
+    cells, boxed = [], not chapter
+    for c in nb["cells"]:
+        src = "".join(c["source"])
+        if c["cell_type"] == "code":
+            body = code_cell(src)
+            if body is None:
+                continue
+            c = {**c, "source": body, "metadata": {}}
+            # outputs of widgets would need require.js from a CDN: keep the text form only
+            for o in c.get("outputs", []):
+                if "data" in o:
+                    o["data"] = {k: v for k, v in o["data"].items() if "widget" not in k}
+                    md = o["data"].get("text/markdown")
+                    if md:  # show_doc's markdown opens with a rule, which docutils rejects at a section edge
+                        md = "".join(md) if isinstance(md, list) else md
+                        o["data"]["text/markdown"] = re.sub(r"^\s*---\s*\n", "", md)
+            cells.append(c)
+            continue
+        if c["cell_type"] != "markdown":
+            continue
+        src = rewrite_markdown(src, labels, nb_file, repo_url, dest.parent / "figures")
+        if not boxed and re.search(r"^# ", src, re.M):
+            # split after the title and its `>` subtitle, put the box there
+            m = re.search(r"^# .*\n(?:\s*\n)*(?:>.*\n?)*", src, re.M)
+            head, rest = src[:m.end()], src[m.end():]
+            cells.append({"cell_type": "markdown", "metadata": {}, "source": head.rstrip("\n")})
+            cells.append({"cell_type": "markdown", "metadata": {},
+                          "source": chapter_box(nb_file, chapter_facts(nb_file), times, repo_url)})
+            boxed = True
+            src = rest.strip("\n")
+            if not src:
+                continue
+        cells.append({"cell_type": "markdown", "metadata": {}, "source": src})
+    for i, c in enumerate(cells):
+        c["id"] = c.get("id") or f"site-{i}"
+    nb["cells"] = cells
+    nb["metadata"] = {"kernelspec": nb.get("metadata", {}).get("kernelspec",
+                                                                  {"name": "python3", "display_name": "python3",
+                                                                   "language": "python"})}
+    dest.write_text(json.dumps(nb, indent=1))
+
+
+def chapters_table(chapters: list, times: dict) -> str:
+    facts = [chapter_facts(f) for f in chapters]
+    by_module = {f["module"]: f for f in facts if f["module"]}
+    rows = ["| # | chapter | module | prerequisites (chapters its code imports) | CPU time | slow/gpu cells | "
+            "code exercises |", "|---|---|---|---|---|---|---|"]
+    total = 0
+    for i, f in enumerate(facts, 1):
+        pre = ", ".join(f"[{by_module[m]['file'].split('_')[0]}]({by_module[m]['file']})"
+                        for m in sorted(f["imports"], key=lambda m: by_module[m]["file"]) if m in by_module) or "—"
+        total += times.get("cpu_seconds", {}).get(f["file"]) or 0
+        rows.append(f"| {i} | [{f['title']}]({f['file']}) | `rlbook.{f['module']}` | {pre} | "
+                    f"{cpu_time(f['file'], times)} | {f['flagged'] or '—'} | "
+                    f"{', '.join(f'`{n}`' for n in f['stubs']) or '—'} |")
+    rows.append(f"\nTotal CPU time of the cells the tests run: {fmt_secs(total)} "
+                f"(`{times.get('measured_with', 'nbdev_test --timing')}`, {times.get('date', 'not measured yet')}).")
+    return "\n".join(rows)
+
+
+GENERATED = re.compile(r"(<!-- begin generated: (\w+) -->\n).*?(<!-- end generated -->)", re.S)
+
+
+def fill_generated(text: str, chapters: list, times: dict) -> str:
+    """Replace the <!-- begin generated: NAME --> ... <!-- end generated --> blocks of a Markdown page."""
+    gens = {"chapters": lambda: chapters_table(chapters, times)}
+    return GENERATED.sub(lambda m: m.group(1) + gens[m.group(2)]() + "\n" + m.group(3), text)
+
+
+# ---------------------------------------------------------------- build
+
+
+def copy_mathjax(static: Path):
+    src = Path(metadata.distribution("sphinx-mathjax-offline").locate_file("sphinx-mathjax-offline/static/mathjax"))
+    for part in MATHJAX_PARTS:
+        s, d = src / part, static / "mathjax" / part
+        if s.is_dir():
+            shutil.copytree(s, d, dirs_exist_ok=True)
+        elif s.is_file():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(s, d)
+
+
+def write_book(build: Path, parts: list, extra: tuple, times: dict) -> Path:
+    cfg = settings()
+    repo_url = cfg["git_url"].rstrip("/")
+    book = build / "book"
+    if book.exists():
+        shutil.rmtree(book)
+    (book / "_static").mkdir(parents=True)
+    all_pages = [f for _, fs in parts for f in fs]
+    chapters = [f for f in all_pages if f.endswith(".ipynb") and chapter_facts(f)["module"]]
+    extra_caption, extra_files = extra
+    extra_files = [f for f in extra_files if (NBS / f).is_file()]
+    labels = collect_labels(all_pages + extra_files)
+
+    for f in all_pages:
+        dest = book / f
+        if f.endswith(".ipynb"):
+            preprocess_notebook(f, dest, labels, times, repo_url, chapter=f in chapters)
+        else:
+            dest.write_text(rewrite_markdown((NBS / f).read_text(), labels, f, repo_url, book / "figures"))
+    for f in extra_files:
+        text = fill_generated((NBS / f).read_text(), chapters, times)
+        (book / f).write_text(rewrite_markdown(text, labels, f, repo_url, book / "figures"))
+    if (NBS / "styles.css").is_file():
+        shutil.copy2(NBS / "styles.css", book / "_static" / "styles.css")
+    (book / "favicon.svg").write_text(  # without one, every page logs a 404 for /favicon.ico
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" '
+        'fill="#2c3e50"/><text x="16" y="22" font-size="15" text-anchor="middle" fill="#fff" '
+        'font-family="sans-serif">rl</text></svg>\n')
+    (book / "_static" / "site.css").write_text(
+        ".run-this-chapter pre { font-size: 0.85em; }\n.admonition.run-this-chapter p { margin-bottom: 0.4em; }\n")
+
+    stem = lambda f: f.rsplit(".", 1)[0]
+    root = all_pages[0]
+    toc_parts = []
+    for cap, fs in parts + [(extra_caption, extra_files)]:
+        fs = [f for f in fs if f != root]
+        if fs:
+            toc_parts.append({**({"caption": cap} if cap else {}), "chapters": [{"file": stem(f)} for f in fs]})
+    toc = {"format": "jb-book", "root": stem(root), "parts": toc_parts}
+    (book / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+
+    config = {
+        "title": cfg.get("title", "rlbook"),
+        "author": cfg.get("author", ""),
+        "copyright": cfg.get("copyright", ""),
+        "only_build_toc_files": True,
+        "execute": {"execute_notebooks": "off"},
+        "repository": {"url": repo_url, "branch": "main", "path_to_book": "nbs"},
+        "html": {"use_repository_button": True, "use_issues_button": False, "use_edit_page_button": False,
+                 "use_multitoc_numbering": False, "home_page_in_navbar": True, "extra_footer": ""},
+        "launch_buttons": {"notebook_interface": "classic", "binderhub_url": "", "colab_url": "", "thebe": False},
+        "parse": {"myst_enable_extensions": ["amsmath", "colon_fence", "dollarmath", "deflist", "linkify",
+                                             "substitution", "tasklist"],
+                  "myst_dmath_double_inline": True},
+        "sphinx": {"config": {
+            "mathjax_path": "mathjax/tex-chtml.js",
+            "html_copy_source": False,
+            "math_numfig": False,  # per page, as Quarto: numfig would number across the book
+            "suppress_warnings": ["myst.header", "mystnb.unknown_mime_type"],
+            "html_favicon": "favicon.svg",
+            "html_context": {"default_mode": "light"},  # pydata-sphinx-theme logs an error without one
+            "html_theme_options": {"use_download_button": False, "use_fullscreen_button": False,
+                                   "repository_url": repo_url, "repository_branch": "main",
+                                   "path_to_docs": "nbs", "use_repository_button": True,
+                                   "launch_buttons": {}},
+            "nb_ipywidgets_js": {},
+        }},
+    }
+    (book / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return book
+
+
+def build(out: Path, build_dir: Path, jobs: int = 1, quiet: bool = True) -> float:
+    t0 = time.time()
+    times = load_times()
+    book = write_book(build_dir, sidebar_pages(), EXTRA_PAGES, times)
+    bin_dir = Path(sys.executable).parent
+    # jupyter-book writes conf.py from _config.yml; sphinx-build then builds (in parallel with -j)
+    subprocess.run([bin_dir / "jupyter-book", "config", "sphinx", str(book)], check=True, capture_output=True)
+    conf = book / "conf.py"  # sphinx_thebe only names a CDN script (live code cells need a server anyway)
+    conf.write_text(conf.read_text().replace("'sphinx_thebe', ", ""))
+    html = build_dir / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-j", str(jobs), "-d", str(build_dir / "doctrees"),
+           str(book), str(html)] + (["-q"] if quiet else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    warnings = [ln for ln in (r.stdout + r.stderr).splitlines() if "WARNING" in ln or "ERROR" in ln]
+    if warnings:
+        print("\n".join(warnings[:50]), file=sys.stderr)
+    if r.returncode != 0:
+        print(r.stdout[-3000:] + r.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"sphinx-build failed ({r.returncode})")
+    # MathJax is copied after the build: Jupyter Book would load every .js file of a static path on every page
+    copy_mathjax(html / "_static")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(html, out, ignore=shutil.ignore_patterns(".buildinfo", ".doctrees"))
+    return time.time() - t0
+
+
+def measure_times(pages=None) -> dict:
+    """Time each chapter's unflagged cells: `nbdev_test --path nbs/<nb> --timing`, one notebook at a time.
+
+    Records the process's CPU time (user + sys, all threads: what a laptop has to supply, and not inflated when
+    other jobs share the machine) and nbdev_test's wall time of the cells on this machine."""
+    import resource
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    old = json.loads(TIMES.read_text()) if TIMES.is_file() else {}
+    cpu, wall = dict(old.get("cpu_seconds", {})), dict(old.get("wall_seconds", {}))
+    pages = pages or [f for _, fs in sidebar_pages() for f in fs if f.endswith(".ipynb")]
+    for f in pages:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = subprocess.run([bin_dir / "nbdev_test", "--path", f"nbs/{f}", "--n_workers", "1", "--timing"], cwd=ROOT,
+                           capture_output=True, text=True, env=env)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        m = re.search(r"^(\S+\.ipynb): (\d+) secs$", r.stdout + r.stderr, re.M)
+        if r.returncode != 0 or not m:
+            print(f"{f}: failed, not timed\n" + (r.stdout + r.stderr)[-1500:], file=sys.stderr)
+            continue
+        cpu[f] = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+        wall[f] = int(m.group(2))
+        print(f"{f}: {cpu[f]} s CPU, {wall[f]} s wall", flush=True)
+    data = {"measured_with": f"nbdev_test --path nbs/<nb> --timing, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
+            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+            "cpu_seconds": dict(sorted(cpu.items())), "wall_seconds": dict(sorted(wall.items()))}
+    TIMES.parent.mkdir(parents=True, exist_ok=True)
+    TIMES.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="_site", help="output folder of static HTML")
+    ap.add_argument("--build", default="_build_site", help="work folder (generated book, doctrees)")
+    ap.add_argument("--execute", default="no", choices=["no"], help="notebooks are never executed")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="sphinx-build processes")
+    ap.add_argument("--measure-times", nargs="*", metavar="NB",
+                    help="re-measure data/site/cpu_times.json (all chapters, or the notebooks named) and exit")
+    ap.add_argument("--write-pages", action="store_true",
+                    help="refresh the generated tables inside nbs/instructor.md (for the Quarto site) and exit")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    if a.measure_times is not None:
+        measure_times(a.measure_times)
+        return 0
+    if a.write_pages:
+        chapters = [f for _, fs in sidebar_pages() for f in fs if f.endswith(".ipynb") and chapter_facts(f)["module"]]
+        for f in EXTRA_PAGES[1]:
+            p = NBS / f
+            if p.is_file() and GENERATED.search(p.read_text()):
+                p.write_text(fill_generated(p.read_text(), chapters, load_times()))
+                print(f"refreshed {p.relative_to(ROOT)}")
+        return 0
+    out, bdir = (Path(p) if Path(p).is_absolute() else ROOT / p for p in (a.out, a.build))
+    secs = build(out, bdir, jobs=a.jobs, quiet=not a.verbose)
+    print(f"site built in {secs:.0f} s: {out / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
