@@ -33,8 +33,6 @@ __all__ = ['ROOT', 'STUB_BODY', 'EXCLUDED', 'HEADER', 'STUDENT_README', 'chapter
 ROOT = Path(rlbook.__file__).resolve().parents[1]  # the repository: nbs/, tests/, student/
 STUB_BODY = "raise NotImplementedError  # your code here"
 EXCLUDED: dict = {  # "chapter:function" -> why its check cannot run on its own (not tested, not graded)
-    "60_entropy:softmax_entropy_grad": "its check calls H_of, a helper defined in an earlier cell of the chapter; "
-                                       "restating H_of inside the check would make it self-contained",
 }
 
 
