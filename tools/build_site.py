@@ -24,6 +24,7 @@ changes a lot), then exits.
 import argparse
 import ast
 import configparser
+import functools
 import json
 import os
 import re
@@ -228,9 +229,40 @@ def chapter_facts(nb_file: str) -> dict:
     for s in code:
         imports |= set(re.findall(r"^\s*(?:from|import)\s+rlbook\.(\w+)", s, re.M))
     flagged = sum(bool(re.search(r"^#\|\s*(slow|gpu)\b", s, re.M)) for s in code)
-    stubs = [n for s in code if "NotImplementedError" in s for n in re.findall(r"^def ([a-zA-Z]\w*)", s, re.M)]
+    stubs = [n for s in code if "NotImplementedError" in s for n in stub_functions(s)]
     return {"file": nb_file, "module": module, "title": title, "subtitle": sub, "imports": imports - {module},
             "flagged": flagged, "stubs": stubs}
+
+
+def stub_functions(src: str) -> list:
+    """Top-level functions of a code cell whose body is only a docstring and `raise NotImplementedError`."""
+    src = "\n".join(ln for ln in src.split("\n") if not ln.lstrip().startswith(("#|", "%", "!")))
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return []
+    out = []
+    for f in tree.body:
+        if isinstance(f, ast.FunctionDef) and not f.name.startswith("_"):
+            body = [b for b in f.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
+            if len(body) == 1 and isinstance(body[0], ast.Raise) and "NotImplementedError" in ast.unparse(body[0]):
+                out.append(f.name)
+    return out
+
+
+def prerequisites(facts: list) -> dict:
+    """{module: its direct imports of other chapters, less those another of them already imports (transitively)}"""
+    direct = {f["module"]: f["imports"] for f in facts if f["module"]}
+
+    @functools.lru_cache(maxsize=None)
+    def closure(m):
+        out = set()
+        for d in direct.get(m, ()):
+            out |= {d} | closure(d)
+        return frozenset(out)
+
+    return {m: {d for d in ds if d in direct and not any(d in closure(o) for o in ds if o != d)}
+            for m, ds in direct.items()}
 
 
 def fmt_secs(s) -> str:
@@ -240,10 +272,9 @@ def fmt_secs(s) -> str:
 
 
 def cpu_time(nb_file: str, times: dict) -> str:
-    cpu, wall = times.get("cpu_seconds", {}).get(nb_file), times.get("wall_seconds", {}).get(nb_file)
-    if cpu is None:
-        return "not measured yet"
-    return f"{fmt_secs(cpu)} CPU" + (f" ({fmt_secs(wall)} wall on {times.get('cores', 2)} cores)" if wall else "")
+    """The CPU time of a notebook's unflagged cells (the wall times in the table depend on what else ran)."""
+    cpu = times.get("cpu_seconds", {}).get(nb_file)
+    return "not measured yet" if cpu is None else f"{fmt_secs(cpu)} CPU"
 
 
 def chapter_box(nb_file: str, facts: dict, times: dict, repo_url: str) -> str:
@@ -255,7 +286,7 @@ def chapter_box(nb_file: str, facts: dict, times: dict, repo_url: str) -> str:
     return f"""```{{admonition}} Run this chapter
 :class: tip run-this-chapter
 
-**CPU time:** {cpu_time(nb_file, times)} for the cells the tests run (`{times.get("measured_with", "nbdev_test --timing")}`).{slow}
+**CPU time:** {cpu_time(nb_file, times)} for the cells the tests run (measured {times.get("date", "")} with `nbdev_test --timing`).{slow}
 
 **Open in Colab:** [nbs/{nb_file} on Colab]({colab})
 
@@ -328,14 +359,15 @@ def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, rep
 def chapters_table(chapters: list, times: dict) -> str:
     facts = [chapter_facts(f) for f in chapters]
     by_module = {f["module"]: f for f in facts if f["module"]}
-    rows = ["| # | chapter | module | prerequisites (chapters its code imports) | CPU time | slow/gpu cells | "
+    pre_of = prerequisites(facts)
+    rows = ["| # | chapter | module | prerequisites | CPU time | slow/gpu cells | "
             "code exercises |", "|---|---|---|---|---|---|---|"]
     total = 0
-    for i, f in enumerate(facts, 1):
+    for f in facts:
         pre = ", ".join(f"[{by_module[m]['file'].split('_')[0]}]({by_module[m]['file']})"
-                        for m in sorted(f["imports"], key=lambda m: by_module[m]["file"]) if m in by_module) or "—"
+                        for m in sorted(pre_of.get(f["module"], ()), key=lambda m: by_module[m]["file"])) or "—"
         total += times.get("cpu_seconds", {}).get(f["file"]) or 0
-        rows.append(f"| {i} | [{f['title']}]({f['file']}) | `rlbook.{f['module']}` | {pre} | "
+        rows.append(f"| {f['file'].split('_')[0]} | [{f['title']}]({f['file']}) | `rlbook.{f['module']}` | {pre} | "
                     f"{cpu_time(f['file'], times)} | {f['flagged'] or '—'} | "
                     f"{', '.join(f'`{n}`' for n in f['stubs']) or '—'} |")
     rows.append(f"\nTotal CPU time of the cells the tests run: {fmt_secs(total)} "
@@ -395,7 +427,10 @@ def write_book(build: Path, parts: list, extra: tuple, times: dict) -> Path:
         'fill="#2c3e50"/><text x="16" y="22" font-size="15" text-anchor="middle" fill="#fff" '
         'font-family="sans-serif">rl</text></svg>\n')
     (book / "_static" / "site.css").write_text(
-        ".run-this-chapter pre { font-size: 0.85em; }\n.admonition.run-this-chapter p { margin-bottom: 0.4em; }\n")
+        ".run-this-chapter pre { font-size: 0.85em; }\n.admonition.run-this-chapter p { margin-bottom: 0.4em; }\n"
+        "/* the paper index and the chapter tables are wide */\n"
+        ".bd-main .bd-content .bd-article-container { max-width: 75em; }\n"
+        ".bd-article table { font-size: 0.85em; }\n")
 
     stem = lambda f: f.rsplit(".", 1)[0]
     root = all_pages[0]
