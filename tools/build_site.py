@@ -10,8 +10,8 @@ pages of EXTRA_PAGES are appended. Copies of the notebooks (never the originals)
 * `$$ ... $$ {#eq-x}` becomes a numbered MyST equation with label `eq-x`; `@eq-x` a link "(n)" to it (across
   chapters too); `{#sec-x}` headings become targets and `@sec-x` links;
 * Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
-* code cells flagged `#| hide` are removed; the other `#|` directive lines are stripped (`#| export` cells stay:
-  they are the code the reader reads);
+* code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output: false` its
+  code only; the other `#|` directive lines are stripped (`#| export` cells stay: they are the code the reader reads);
 * a committed figure named in the text as `data/results/.../x.png` is shown below that paragraph;
 * links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to GitHub;
 * each chapter gets a box under its title: CPU time of its unflagged cells (data/site/cpu_times.json), the commands
@@ -321,7 +321,11 @@ def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, rep
             body = code_cell(src)
             if body is None:
                 continue
-            c = {**c, "source": body, "metadata": {}}
+            # Quarto's `#| echo: false` shows the output only, `#| output: false` the code only
+            tags = ["remove-input"] if re.search(r"^#\|\s*echo:\s*false", src, re.M) else []
+            c = {**c, "source": body, "metadata": {"tags": tags} if tags else {}}
+            if re.search(r"^#\|\s*output:\s*false", src, re.M):
+                c["outputs"] = []
             # outputs of widgets would need require.js from a CDN: keep the text form only
             for o in c.get("outputs", []):
                 if "data" in o:
@@ -525,7 +529,9 @@ def measure_times(pages=None) -> dict:
         cpu[f] = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
         wall[f] = int(m.group(2))
         print(f"{f}: {cpu[f]} s CPU, {wall[f]} s wall", flush=True)
-    data = {"measured_with": f"nbdev_test --path nbs/<nb> --timing, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
+    data = {"note": "the pages show cpu_seconds (user + system time of the nbdev_test process); wall_seconds "
+                    "depend on what else the machine ran",
+            "measured_with": f"nbdev_test --path nbs/<nb> --timing, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}",
             "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
             "cpu_seconds": dict(sorted(cpu.items())), "wall_seconds": dict(sorted(wall.items()))}
     TIMES.parent.mkdir(parents=True, exist_ok=True)
