@@ -7,8 +7,9 @@ nbdev's Quarto site (`nbdev_docs`, configured by nbs/_quarto.yml) is the other b
 one needs no Quarto and no network. The chapter list and order are read from nbs/_quarto.yml's sidebar, then the
 pages of EXTRA_PAGES are appended. Copies of the notebooks (never the originals) are preprocessed under --build:
 
-* `$$ ... $$ {#eq-x}` becomes a numbered MyST equation with label `eq-x`; `@eq-x` a link "(n)" to it (across
-  chapters too); `{#sec-x}` headings become targets and `@sec-x` links;
+* `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x` (Quarto's labels are per
+  page, Sphinx's global); `@eq-x` a link "(n)" to it, "(n) in chapter NN" to another chapter's;
+  `{#sec-x}` headings become targets and `@sec-x` links;
 * Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
 * code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output: false` its
   code only; the other `#|` directive lines are stripped (`#| export` cells stay: they are the code the reader reads);
@@ -18,8 +19,8 @@ pages of EXTRA_PAGES are appended. Copies of the notebooks (never the originals)
   that run it locally and an "Open in Colab" link.
 
 Notebooks are never executed (`--execute no`, the only mode): pages show the committed outputs.
-`--measure-times` re-measures the timing table with `nbdev_test --timing` (minutes; run it once after a chapter
-changes a lot), then exits.
+`--measure-times [NB ...]` re-measures the timing table with `nbdev_test --timing` (minutes; run it after a chapter
+changes a lot), `--write-pages` refreshes the generated table inside nbs/instructor.md (for the Quarto site).
 """
 import argparse
 import ast
