@@ -767,8 +767,8 @@ def preference_eval(
     n: int = 200,  # held-out prompts for accuracy, gold reward and KL
     partial: float = 0.5,  # TaskGold partial credit
     seed: int = 0,  # which prompts; sampling noise
-    ref=None,  # reference for kl/ref and the margins (None: run.ref; pass the original one if run.ref gets refreshed)
-) -> dict:  # eval/accuracy, eval/gold, kl/ref, eval/len (and eval/rank_acc)
+    ref=None,  # reference for eval/kl and the margins (None: run.ref; pass the original one if run.ref gets refreshed)
+) -> dict:  # eval/accuracy, eval/gold, eval/kl, eval/len (and eval/rank_acc)
     "Greedy accuracy, gold reward and KL of sampled answers, implicit-reward ranking accuracy."
     task = run.task.base if isinstance(run.task, PreferenceTask) else run.task
     model, tok, T = run.model, run.tokenizer, run.cfg.max_new_tokens
@@ -787,7 +787,7 @@ def preference_eval(
         ids, attn, m = ro.input_ids, ro.attention_mask, ro.completion_mask
         lp = (completion_logprobs(model, ids, attn, m.shape[1])["logp"] * m).sum(-1)
         lr = (completion_logprobs(ref, ids, attn, m.shape[1])["logp"] * m).sum(-1)
-        res["kl/ref"] = (lp - lr).mean().item()
+        res["eval/kl"] = (lp - lr).mean().item()  # eval/, not kl/ref: a training stat of that name must not overwrite it
     if heldout:
         enc = encode_preferences(tok, heldout, device=run.device)
         lp = pair_logprobs(model, enc)

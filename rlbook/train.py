@@ -367,6 +367,7 @@ def train(
         row = {"step": step}
         if accelerator.is_main_process and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
             row.update(evaluate_fn(run))
+        evaluated = set(row) - {"step"}
         policy.train()
         batch, stats = collect(run)
         row.update(stats)
@@ -403,6 +404,9 @@ def train(
                 scheduler.step()
                 n_updates += 1
         row.update({k: v / n_updates for k, v in sums.items()})
+        clash = evaluated & (set(stats) | set(sums))  # a training stat would silently replace an eval metric
+        if clash:
+            raise RLBookError(f"evaluation and training both report {sorted(clash)}: name evaluation metrics eval/...")
         row["lr"] = scheduler.get_last_lr()[0]
         row["time"] = time.time() - t0
         rows.append(row)
