@@ -13,7 +13,8 @@ pages of EXTRA_PAGES are appended. Copies of the notebooks (never the originals)
 * Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
 * code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output: false` its
   code only; the other `#|` directive lines are stripped (`#| export` cells stay: they are the code the reader reads);
-* a committed figure named in the text as `data/results/.../x.png` is shown below that paragraph;
+* a committed figure named in the text as `data/results/.../x.png` or `data/figures/x.png` is shown below that
+  paragraph;
 * links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to GitHub;
 * each chapter gets a box under its title: CPU time of its unflagged cells (data/site/cpu_times.json), the commands
   that run it locally and an "Open in Colab" link.
@@ -188,7 +189,7 @@ def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: 
     src = outside_code(src, refs)
 
     figs = []  # committed figures named in the text
-    for rel in re.findall(r"`(data/results/[\w./-]+\.(?:png|svg|jpg))`", src):
+    for rel in re.findall(r"`(data/(?:results|figures)/[\w./-]+\.(?:png|svg|jpg))`", src):
         if (ROOT / rel).is_file() and rel not in figs:
             figs.append(rel)
     for rel in figs:
