@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
            'check_split', 'Task', 'extract_answer', 'answers_match', 'NumericTask', 'Addition', 'Multiplication',
-           'evaluate_expression', 'expression_numbers', 'Countdown', 'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K',
-           'Sentiment', 'get_task', 'PreferenceOracle', 'BradleyTerryOracle', 'length_class', 'CyclicOracle',
-           'preference_matrix']
+           'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'Reverse', 'Sort',
+           'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'PreferenceOracle', 'BradleyTerryOracle',
+           'length_class', 'CyclicOracle', 'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
 import ast
@@ -231,6 +231,31 @@ class Multiplication(NumericTask):
         "Draw one multiplication problem."
         (a, da), (b, db) = _operand(rng, self.min_digits, self.max_digits), _operand(rng, self.min_digits, self.max_digits)
         return Example(prompt=f"{a}*{b}=", answer=str(a * b), solution=str(a * b), meta=(("digits", (da, db)),))
+
+# %% ../nbs/01_tasks.ipynb #f3a1c7e3
+@dataclass
+class FewShotAddition(Addition):
+    "Addition for a base LM that continues text: solved sums before each problem; only the first line is graded."
+
+    shots: str = "12+7=19\n45+33=78\n230+52=282\n"  # solved examples put before every prompt
+
+    name = "addition_fewshot"
+
+    def make_example(
+        self,
+        rng: random.Random,  # the random stream
+    ) -> Example:
+        "Draw one addition problem and prefix the shots."
+        ex = super().make_example(rng)
+        return Example(prompt=self.shots + ex.prompt, answer=ex.answer, solution=ex.solution, meta=ex.meta)
+
+    def is_correct(
+        self,
+        example: Example,  # the problem
+        completion: str,  # the policy's completion; only its first line is the answer
+    ) -> bool:
+        "Whether the first line of the completion is the sum."
+        return super().is_correct(example, completion.split("\n")[0])
 
 # %% ../nbs/01_tasks.ipynb #5e7053e3
 _EXPR_CHARS = re.compile(r"[0-9+\-*/() ]*")
@@ -581,6 +606,7 @@ class Sentiment(Task):
 # %% ../nbs/01_tasks.ipynb #b672ad33
 TASKS = {
     "addition": Addition,
+    "addition_fewshot": FewShotAddition,
     "multiplication": Multiplication,
     "countdown": Countdown,
     "reverse": Reverse,

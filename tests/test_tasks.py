@@ -217,9 +217,9 @@ def test_preference_matrix_antisymmetric(oracle):
 
 
 def test_get_task():
-    assert set(TASKS) == {"addition", "multiplication", "countdown", "reverse", "sort", "gsm8k", "sentiment"}
+    assert set(TASKS) == {"addition", "addition_fewshot", "multiplication", "countdown", "reverse", "sort", "gsm8k", "sentiment"}
     assert get_task("multiplication", max_digits=3) == Multiplication(max_digits=3)
-    with pytest.raises(RLBookError, match="valid names: addition, countdown"):
+    with pytest.raises(RLBookError, match="valid names: addition, addition_fewshot, countdown"):
         get_task("subtraction")
     with pytest.raises(RLBookError, match="bad arguments"):
         get_task("addition", digits=3)
