@@ -32,8 +32,7 @@ __all__ = ['ROOT', 'STUB_BODY', 'EXCLUDED', 'HEADER', 'STUDENT_README', 'chapter
 # %% ../nbs/98_classroom.ipynb #70792305
 ROOT = Path(rlbook.__file__).resolve().parents[1]  # the repository: nbs/, tests/, student/
 STUB_BODY = "raise NotImplementedError  # your code here"
-EXCLUDED: dict = {  # "chapter:function" -> why its check cannot run on its own (not tested, not graded)
-}
+EXCLUDED: dict = {}  # "chapter:function" -> why its check cannot run on its own (not tested, not graded)
 
 
 def chapters(
