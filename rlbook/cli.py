@@ -129,7 +129,10 @@ def cmd_train(args) -> dict:  # the final evaluation
     for k, v in vars(args).items():  # a hyperparameter of another method is a mistake, not a no-op
         if v is not None and k not in given and k not in ("command", "method") and (
                 options is None or k not in {f.name for f in dataclasses.fields(options)}):
-            raise RLBookError(f"--{k.replace('_', '-')} is not a setting of method {method.name!r}")
+            owners = [m.name for m in METHODS.values() if m.options is not None and
+                      k in {f.name for f in dataclasses.fields(m.options)}]
+            raise RLBookError(f"--{k.replace('_', '-')} is not a setting of method {method.name!r}"
+                              + (f"; it belongs to --method {' | '.join(owners)}" if owners else ""))
     cfg.model = resolve_model(cfg.model, cfg.task, cfg.progress)
     kwargs = method.setup(cfg, options) if method.setup else {}
     if options is not None:
