@@ -293,7 +293,8 @@ def preference_collect(run: Run) -> tuple[dict, dict]:  # batch with one row per
              "completion_mask": mask.view(n, G, T), "logp_old": (ro["logp_old"] * mask).sum(-1).view(n, G),
              "ref_logp": (ref_logp * mask).sum(-1).view(n, G), "pref": pref.to(run.device)}
     stats.update({f"class/{k}": (cls == k).float().mean().item() for k in range(3)})
-    stats["kl/ref"] = (batch["logp_old"] - batch["ref_logp"]).mean().item()
+    stats["kl/ref"] = ((ro["logp_old"] - ref_logp) * mask).sum().item() / max(mask.sum().item(), 1)  # per token
+    stats["kl/seq"] = (batch["logp_old"] - batch["ref_logp"]).mean().item()  # per completion
     return batch, stats
 
 

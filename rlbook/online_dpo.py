@@ -37,11 +37,11 @@ def online_kl_loss(
     *,
     coef: float = 0.1,  # lambda
     n_seqs: int | None = None,  # samples in the whole minibatch (None: B)
-) -> tuple[torch.Tensor, dict]:  # loss, stats (kl/ref: the sequence KL estimate)
+) -> tuple[torch.Tensor, dict]:  # loss, stats (kl/seq: the sequence KL estimate)
     "@eq-hypo's KL term: coef * sg(log pi - log pi_ref) * log pi; its expected gradient is coef * grad KL(pi || pi_ref)."
     n = logp.shape[0] if n_seqs is None else n_seqs
     k1 = (logp - ref_logp).detach()
-    return coef * (k1 * logp).sum() / n, {"kl/ref": k1.mean().item()}
+    return coef * (k1 * logp).sum() / n, {"kl/seq": k1.mean().item()}
 
 # %% ../nbs/31_online_dpo.ipynb #615aee2e
 def label_rollout_pairs(

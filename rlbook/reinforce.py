@@ -326,7 +326,8 @@ def pg_collect(
     batch["shaped_reward"] = batch["reward"]
     if run.ref is not None:
         batch["kl"] = reference_kl(run, batch)  # (B, T)
-        stats["kl/ref"] = batch["kl"].sum(-1).mean().item()
+        stats["kl/ref"] = token_mean(batch["kl"], mask).item()  # per token, as every chapter logs it
+        stats["kl/seq"] = batch["kl"].sum(-1).mean().item()  # per completion: what the reward is charged
         if o.beta > 0:
             batch["shaped_reward"] = kl_penalised_reward(batch["reward"], batch["kl"], mask, o.beta)
     adv, adv_stats = advantage(run, batch)

@@ -138,7 +138,7 @@ def test_methods_run(M, sft_path, tmp_path):
     if M is XPO:
         assert "xpo/ref_sample_logp" in rows[0]
     if M is HYPO:
-        assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-4)
+        assert rows[0]["kl/seq"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_online_dpo_needs_pairs(sft_path, tmp_path):
