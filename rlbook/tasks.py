@@ -235,7 +235,7 @@ class Multiplication(NumericTask):
 # %% ../nbs/01_tasks.ipynb #f3a1c7e3
 @dataclass
 class FewShotAddition(Addition):
-    "Addition for a base LM that continues text: solved sums before each problem; only the first line is graded."
+    "Addition for a pretrained LM that continues text: solved sums before each problem; only the first line is graded."
 
     shots: str = "12+7=19\n45+33=78\n230+52=282\n"  # solved examples put before every prompt
 
