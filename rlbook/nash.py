@@ -10,7 +10,6 @@ __all__ = ['NASH_MD', 'INPO', 'SPPO', 'DNO', 'geometric_mixture', 'nash_md_eta',
            'nash_md_pg_loss', 'nash_md_step_loss', 'preference_setup']
 
 # %% ../nbs/51_nash.ipynb #ff02601a
-import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -19,10 +18,10 @@ import torch.nn.functional as F
 
 from .logprobs import completion_logprobs
 from .models import RLBookError, frozen_copy, load_policy
-from .preferences import kl_categorical, mirror_prox_logits, nash_equilibrium, rock_paper_scissors
+from .preferences import duality_gap, kl_categorical, mirror_prox_logits, nash_equilibrium
 from .rollout import generate
 from .tasks import CyclicOracle, preference_matrix
-from .train import Method, Run, collect_rollouts, score, shard, step_seed
+from .train import Method, Run, collect_rollouts
 
 # %% ../nbs/51_nash.ipynb #eca8f3a3
 def geometric_mixture(

@@ -141,3 +141,12 @@ def test_lm_methods_train(method, tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert any(r.get("grad_norm", 0) > 0 for r in rows)
+
+
+def test_run_exact_runs_from_the_module():
+    "The exported experiment driver needs nothing from the notebook's namespace (it once used duality_gap unimported)."
+    from rlbook.nash import run_exact
+    rows = run_exact(rock_paper_scissors(0.3, ref=[0.6, 0.3, 0.1]), beta=0.1, iters=40)
+    assert {r["method"] for r in rows} == {"nash_mp", "nash_md", "nash_md_const", "inpo", "spo", "sppo", "dno"}
+    mp = [r for r in rows if r["method"] == "nash_mp"]
+    assert mp[-1]["kl"] < mp[0]["kl"] * (1 + 2 * 0.1) ** -40 * 1.0001 and mp[-1]["gap"] >= -1e-12
