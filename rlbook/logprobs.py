@@ -8,7 +8,6 @@ __all__ = ['AGGREGATIONS', 'KL_ESTIMATORS', 'token_logprobs', 'token_entropy', '
 
 # %% ../nbs/02_logprobs.ipynb #f25b4123
 import torch
-import torch.nn.functional as F
 
 # %% ../nbs/02_logprobs.ipynb #575b5d59
 def token_logprobs(

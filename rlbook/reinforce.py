@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 
 from .logprobs import AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, seq_sum, token_mean

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .logprobs import position_ids_from_mask
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
 from .rollout import encode_pairs, generate
-from .tasks import BradleyTerryOracle, extract_answer, get_task
+from .tasks import BradleyTerryOracle, extract_answer
 from .train import Method, Run, step_seed
 
 # %% auto #0

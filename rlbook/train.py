@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .models import RLBookError, load_policy, seed_everything
-from .rollout import evaluate, generate, model_context
+from .rollout import evaluate, generate
 from .tasks import get_task
 
 # %% ../nbs/04_train.ipynb #9edfd289
