@@ -289,15 +289,21 @@ def test_policy_forward_matches_completion_logprobs():
     assert got["entropy"].requires_grad
 
 
-def test_step_clip_cov_stops_gradient_on_a_real_batch():
-    "Through entropy_step: the gradient of the loss wrt the tokens' log-probs is zero exactly on Clip-Cov's tokens."
+def _tiny_minibatch(sample_seed: int, adv: torch.Tensor):  # tiny model, tokenizer, and a minibatch of 8 rollouts
+    "Two prompts x 4 completions of the untrained tiny model, laid out as the loop's minibatch with advantages adv."
     model, tok = load_policy("tiny", device="cpu", seed=0)
     ro = generate(model, tok, ["12+34=", "7+8="], group_size=4, max_new_tokens=5, temperature=1.0,
-                  generator=torch.Generator().manual_seed(1))
+                  generator=torch.Generator().manual_seed(sample_seed))
     mask = ro.completion_mask
     mb = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "completion_mask": mask,
-          "logp_old": ro.logp, "adv": torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 0.5, -0.5, -0.5]),
-          "n_seqs": 8, "n_tokens": float(mask.sum())}
+          "logp_old": ro.logp, "adv": adv, "n_seqs": 8, "n_tokens": float(mask.sum())}
+    return model, tok, mb
+
+
+def test_step_clip_cov_stops_gradient_on_a_real_batch():
+    "Through entropy_step: the gradient of the loss wrt the tokens' log-probs is zero exactly on Clip-Cov's tokens."
+    model, tok, mb = _tiny_minibatch(1, torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 0.5, -0.5, -0.5]))
+    mask = mb["completion_mask"]
     o = EntropyConfig(entropy_control="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9)
 
     run = Run(cfg=GRPO_ENTROPY.config(device="cpu"), policy=model, tokenizer=tok, task=None, accelerator=Accelerator(cpu=True),
@@ -339,12 +345,7 @@ def test_train_every_control(control, tmp_path):
 
 def test_bonus_raises_entropy_of_the_tiny_model():
     "A few large-coefficient bonus-only updates (zero advantages) raise the policy's entropy on a fixed batch."
-    model, tok = load_policy("tiny", device="cpu", seed=0)
-    ro = generate(model, tok, ["12+34=", "7+8="], group_size=4, max_new_tokens=5, temperature=1.0,
-                  generator=torch.Generator().manual_seed(2))
-    mask = ro.completion_mask
-    mb = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "completion_mask": mask,
-          "logp_old": ro.logp, "adv": torch.zeros(8), "n_seqs": 8, "n_tokens": float(mask.sum())}
+    model, tok, mb = _tiny_minibatch(2, torch.zeros(8))
     run = Run(cfg=GRPO_ENTROPY.config(device="cpu"), policy=model, tokenizer=tok, task=None, accelerator=Accelerator(cpu=True),
               options=EntropyConfig(entropy_control="bonus", entropy_coef=1.0))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
