@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .logprobs import completion_logprobs
+from .logprobs import completion_logprobs, token_mean
 from .models import RLBookError, frozen_copy, load_policy
 from .preferences import duality_gap, kl_categorical, mirror_prox_logits, nash_equilibrium
 from .rollout import generate
@@ -292,7 +292,7 @@ def preference_collect(run: Run) -> tuple[dict, dict]:  # batch with one row per
              "completion_mask": mask.view(n, G, T), "logp_old": (ro["logp_old"] * mask).sum(-1).view(n, G),
              "ref_logp": (ref_logp * mask).sum(-1).view(n, G), "pref": pref.to(run.device)}
     stats.update({f"class/{k}": (cls == k).float().mean().item() for k in range(3)})
-    stats["kl/ref"] = ((ro["logp_old"] - ref_logp) * mask).sum().item() / max(mask.sum().item(), 1)  # per token
+    stats["kl/ref"] = token_mean(ro["logp_old"] - ref_logp, mask).item()  # per token
     stats["kl/seq"] = (batch["logp_old"] - batch["ref_logp"]).mean().item()  # per completion
     return batch, stats
 
