@@ -18,7 +18,7 @@ import re
 import string
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Callable
 
@@ -247,7 +247,7 @@ class FewShotAddition(Addition):
     ) -> Example:
         "Draw one addition problem and prefix the shots."
         ex = super().make_example(rng)
-        return Example(prompt=self.shots + ex.prompt, answer=ex.answer, solution=ex.solution, meta=ex.meta)
+        return replace(ex, prompt=self.shots + ex.prompt)
 
     def is_correct(
         self,
