@@ -3,8 +3,9 @@
 
 1. `nbdev_export` and `nbdev_clean` leave no diff: rlbook/ is the notebooks' export, notebooks are clean.
 2. README.md is nbs/index.ipynb rendered (tools/make_readme.py).
-3. pytest on tests/.
-4. nbdev's notebook tests (cells flagged slow or gpu are skipped, settings.ini `tst_flags`).
+3. ruff (pyflakes rules: unused imports and variables, undefined names) over rlbook/, tests/, tools/.
+4. pytest on tests/.
+5. nbdev's notebook tests (cells flagged slow or gpu are skipped, settings.ini `tst_flags`).
 Options: --fast skips the notebook tests; extra arguments after `--` go to pytest.
 """
 import os
@@ -48,6 +49,11 @@ def main(argv):
                         capture_output=True, text=True)
     step("README.md matches nbs/index.ipynb", rd.returncode == 0, results, rd.stderr.strip())
 
+    lint = subprocess.run([BIN / "ruff", "check", "--select", "F", "--output-format", "concise", "--no-cache",
+                           "rlbook", "tests", "tools"], cwd=ROOT, capture_output=True, text=True)
+    step("ruff: no unused imports or undefined names", lint.returncode == 0, results,
+         "" if lint.returncode == 0 else (lint.stdout + lint.stderr).strip()[-3000:])
+
     print("\n== pytest tests/ ==", flush=True)
     py = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", *extra],
                         cwd=ROOT, capture_output=True, text=True)
@@ -71,7 +77,7 @@ def main(argv):
         failed += len(bad) or (0 if nt.returncode == 0 else 1)
         step(f"notebook tests ({len(nbs)} notebooks)", nt.returncode == 0, results)
 
-    for ok in (results[0][1], results[1][1]):  # the two consistency checks count as one test each
+    for ok in (results[0][1], results[1][1], results[2][1]):  # the consistency checks and lint count as one test each
         passed, failed = passed + ok, failed + (not ok)
     print(f"\nwall time {time.time() - t0:.0f} s")
     print(f"rlbook: {passed} passed, {failed} failed")
