@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['POSITIVE', 'COUNTS', 'REALS', 'PICKLES', 'RUN_FILES', 'SETUP_FILES', 'LOCK', 'RESUMABLE', 'TrainConfig', 'flag',
            'check_config', 'step_seed', 'Run', 'Method', 'shard', 'score', 'collect_rollouts', 'take', 'batch_rows',
-           'log', 'write_state', 'read_state', 'save_checkpoint', 'checkpoint_problem', 'checkpoint_step',
-           'find_checkpoint', 'load_checkpoint', 'read_metrics', 'MetricsFigure', 'plot_metrics', 'describe_run',
-           'check_out', 'run_identity', 'config_changes', 'acquire_lock', 'release_lock', 'remove_stale_temps',
-           'Interrupted', 'Stopper', 'train']
+           'log', 'write_state', 'read_state', 'save_checkpoint', 'refuse_pickles', 'checkpoint_problem',
+           'checkpoint_step', 'find_checkpoint', 'load_checkpoint', 'read_metrics', 'MetricsFigure', 'plot_metrics',
+           'describe_run', 'check_out', 'run_identity', 'config_changes', 'acquire_lock', 'release_lock',
+           'remove_stale_temps', 'Interrupted', 'Stopper', 'train']
 
 # %% ../nbs/04_train.ipynb #2ef5d676
 import dataclasses
@@ -399,15 +399,20 @@ def save_checkpoint(
     return final
 
 
+def refuse_pickles(path: Path) -> None:
+    "RLBookError if a file under path is of a type whose loading can run code; nothing is opened."
+    pickles = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.suffix in PICKLES)
+    if pickles:
+        raise RLBookError(f"{path} holds {pickles[0]}, a pickle, which can run code when loaded: rlbook does not "
+                          "load it (checkpoints of older rlbook versions cannot be resumed; start with --overwrite)")
+
+
 def checkpoint_problem(
     path: Path,  # a checkpoint folder
     verify: bool = True,  # also compare every file's sha256 with the one recorded at save time
 ) -> str | None:  # why it cannot be used, or None
     "What is wrong with a checkpoint folder; a pickle inside it is refused outright (RLBookError)."
-    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLES)
-    if pickles:
-        raise RLBookError(f"{path} holds {pickles[0]}, a pickle, which can run code when loaded: rlbook does not "
-                          "load it (checkpoints of older rlbook versions cannot be resumed; start with --overwrite)")
+    refuse_pickles(path)
     try:
         progress = json.loads((path / "progress.json").read_text())
         files = progress["files"]
@@ -437,6 +442,9 @@ def find_checkpoint(
 ) -> Path | None:  # the newest usable checkpoint folder, if any
     "out/checkpoint, else out/checkpoint.old (a kill between the two renames, or a damaged newest checkpoint)."
     damaged = []
+    for name in ("checkpoint", "checkpoint.old"):  # a planted pickle is refused even where it would not be read
+        if (Path(out) / name).exists():
+            refuse_pickles(Path(out) / name)
     for name in ("checkpoint", "checkpoint.old"):
         p = Path(out) / name
         if not p.exists():
@@ -622,8 +630,8 @@ def config_changes(
 ) -> list:  # one 'flag: old -> new' per difference
     "The differences between two run identities, spelled as flags."
     changes = []
-    if old.get("method") != new["method"]:
-        changes.append(f"--method: {old.get('method')} -> {new['method']}")
+    a, b = old.get("method") or {}, new["method"]
+    changes += [f"--method: {k} {a.get(k)} -> {b[k]}" for k in b if a.get(k) != b[k]]
     for part in ("config", "options"):
         a, b = old.get(part) or {}, new[part]
         changes += [f"{flag(k)}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"

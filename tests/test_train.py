@@ -11,19 +11,9 @@ import torch
 
 from rlbook.train import checkpoint_step, find_checkpoint, read_metrics
 
+from conftest import CLI, ENV, strip, weights
+
 BIN = Path(sys.executable).parent
-CLI = [sys.executable, "-c", "import sys; from rlbook.cli import main; sys.exit(main(sys.argv[1:]))"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
-
-
-def weights(path):
-    from rlbook.models import load_policy
-    m, _ = load_policy(str(path))
-    return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
