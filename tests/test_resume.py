@@ -355,7 +355,7 @@ def test_a_signal_to_the_command_line_exits_130_with_a_checkpoint(signum, tmp_pa
 
 KILL_METHODS = {  # method: flags (small runs of the tiny warm start, a checkpoint after every step)
     "grpo": ["--method", "grpo", "--batch-size", "16", "--group-size", "4"],
-    "ppo": ["--method", "ppo", "--batch-size", "16"],
+    "ppo": ["--method", "ppo", "--batch-size", "16", "--minibatch-size", "8"],
     "dpo": ["--method", "dpo", "--batch-size", "16", "--n-pairs", "48"],
     "online_dpo": ["--method", "online_dpo", "--batch-size", "16", "--ref-sync-every", "3"],
 }
@@ -387,7 +387,7 @@ def test_sigkill_at_random_moments_resumes_exactly(method, tmp_path):
         elif p.returncode not in (0, -signal.SIGKILL):
             raise AssertionError(err[-3000:])
     assert kills == 3, f"only {kills} kills landed in {launches} launches"
-    final = subprocess.run(CLI + args + ["--out", str(killed), "--resume"], env=ENV, capture_output=True, text=True)
+    final = subprocess.run(CLI + args + ["--out", str(killed), mode], env=ENV, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-3000:]
     assert_same_run(full, killed)
     if method == "online_dpo":  # the reference really was refreshed, and resumed with its refreshed weights

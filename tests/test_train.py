@@ -1,6 +1,5 @@
 """Process-level tests of the training loop: SIGKILL and resume; two processes (gloo) vs one."""
 import json
-import os
 import signal
 import subprocess
 import sys
