@@ -76,6 +76,7 @@ def sync_reference(
     if not every or run.ref is None or run.step == 0 or run.step % every:
         return False
     run.ref.load_state_dict(run.model.state_dict())
+    run.ref_step = run.step  # the reference is now part of the run's state: checkpoints save it
     return True
 
 # %% ../nbs/31_online_dpo.ipynb #8381d448

@@ -15,7 +15,7 @@ from .logprobs import position_ids_from_mask
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
 from .rollout import encode_pairs, generate
 from .tasks import BradleyTerryOracle, extract_answer
-from .train import Method, Run, step_seed
+from .train import Method, Run, find_checkpoint, read_state, step_seed
 
 # %% auto #0
 __all__ = ['GOLDS', 'REWARD_MODEL', 'bradley_terry_loss', 'last_index', 'RewardModel', 'score_texts', 'mean_digit', 'digit_pairs',
@@ -265,11 +265,14 @@ def load_reward_model(
     device=None,  # where to load it
 ) -> tuple[RewardModel, object]:  # the reward model (eval mode) and its tokenizer
     "Rebuild a RewardModel from a finished `rlbook train --method rm` run."
-    from pathlib import Path
-    ckpt = Path(out) / "checkpoint"
+    ckpt = find_checkpoint(out)  # a pickle in it is refused, never loaded
+    if ckpt is None:
+        raise RLBookError(f"{out} holds no usable checkpoint of an `rm` run")
+    state = read_state(ckpt)
+    if "rm" not in state["modules"]:
+        raise RLBookError(f"{out} is not a reward-model run: its checkpoint holds no 'rm' module")
     model, tok = load_policy(str(ckpt / "model"), device=device)
     rm = RewardModel(model)
-    state = torch.load(ckpt / "state.pt", weights_only=False, map_location=model.device)
     rm.load_state_dict(state["modules"]["rm"])
     return rm.eval(), tok
 

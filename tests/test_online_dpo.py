@@ -146,3 +146,23 @@ def test_online_dpo_needs_pairs(sft_path, tmp_path):
     o = OnlineDPOConfig()
     with pytest.raises(RLBookError, match="group_size=2"):
         train(cfg, ONLINE_DPO.collect, ONLINE_DPO.loss, **ONLINE_DPO.setup(cfg, o), options=o)
+
+
+def test_resume_after_a_reference_refresh_is_exact(sft_path, tmp_path):
+    "SPIN, ref_sync_every=2: stop after step 2 (the reference was refreshed at step 2), resume to 5 steps, compare."
+    M = SPIN
+    bs = 8 if M.defaults["group_size"] == 1 else 16
+    o = OnlineDPOConfig(**{**M.options.__dict__, "ref_sync_every": 2})
+
+    def run(out, steps, resume):
+        cfg = M.config(model=sft_path, steps=steps, batch_size=bs, lr=1e-3, eval_n=10, eval_every=0, out=str(out),
+                       progress=False, device="cpu", resume=resume, save_every=1)
+        return train(cfg, M.collect, M.loss, **M.setup(cfg, o), options=o)
+    whole = run(tmp_path / "whole", 5, False)
+    run(tmp_path / "cut", 3, False)  # steps 0-2; the reference was refreshed at the start of step 2
+    resumed = run(tmp_path / "cut", 5, True)
+    assert resumed.ref_step == whole.ref_step == 4
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    assert strip(read_metrics(tmp_path / "whole" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+    for a, b in [(whole.model, resumed.model), (whole.ref, resumed.ref)]:
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

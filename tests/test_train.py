@@ -1,6 +1,5 @@
 """Process-level tests of the training loop: SIGKILL and resume; two processes (gloo) vs one."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,21 +8,11 @@ from pathlib import Path
 
 import torch
 
-from rlbook.train import find_checkpoint, read_metrics
+from rlbook.train import checkpoint_step, find_checkpoint, read_metrics
+
+from conftest import CLI, ENV, strip, weights
 
 BIN = Path(sys.executable).parent
-CLI = [sys.executable, "-c", "import sys; from rlbook.cli import main; sys.exit(main(sys.argv[1:]))"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
-
-
-def weights(path):
-    from rlbook.models import load_policy
-    m, _ = load_policy(str(path))
-    return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
@@ -36,9 +25,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
-        ck = find_checkpoint(killed)
-        if ck is not None and json.loads((ck / "progress.json").read_text())["step"] >= 6:
-            break
+        ck = find_checkpoint(killed, verify=False, quiet=True)
+        try:
+            if ck is not None and checkpoint_step(ck) >= 6:
+                break
+        except OSError:  # renamed by the save between the two calls
+            pass
         time.sleep(0.02)
     assert p.poll() is None, "the run finished before it could be killed; make it longer"
     p.send_signal(signal.SIGKILL)
@@ -71,3 +63,22 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     m0, _ = load_policy("tiny", seed=0)
     moved = max(float((w1[k] - v).abs().max()) for k, v in m0.state_dict().items() if k in w1)
     assert moved > 1e-3
+
+
+def test_a_plot_after_training_in_one_kernel_is_shown(tmp_path):
+    "train() saves metrics.png without switching matplotlib's backend: a later cell's plots still display."
+    import nbformat
+    from nbclient import NotebookClient
+    out = tmp_path / "run"
+    cells = [f"from rlbook.sft import SFT\nfrom rlbook.train import train, read_metrics, plot_metrics\n"
+             f"train(SFT.config(model='tiny', steps=1, batch_size=8, eval_n=4, out={str(out)!r}, progress=False,"
+             f" device='cpu'), SFT.collect, SFT.loss);",
+             "import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()",
+             f"plot_metrics(read_metrics({str(out / 'metrics.jsonl')!r}))"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert (out / "metrics.png").exists()
+    for cell in nb.cells[1:]:
+        kinds = [o.get("output_type") for o in cell.outputs]
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), (cell.source, kinds, cell.outputs)
+    assert sum("image/png" in o.get("data", {}) for o in nb.cells[2].outputs) == 1  # shown once, not twice
