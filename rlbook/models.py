@@ -40,9 +40,9 @@ from transformers.models.auto.modeling_auto import (
 __all__ = ['CHAR_SPECIALS', 'CHAR_VOCAB', 'DTYPES', 'BUILTIN_POLICIES', 'PAD_CANDIDATES', 'TOKENIZER_FILES',
            'SMOLLM2_REQUIREMENT', 'SMOLLM2_WHEEL_SHA256', 'SMOLLM2_GGUF_SHA256', 'SMOLLM2_DIRNAME', 'RLBookError',
            'seed_everything', 'build_char_tokenizer', 'tiny_config', 'count_parameters', 'pick_device', 'pick_dtype',
-           'prepare_policy', 'tiny_policy', 'check_model_folder', 'check_causal_config', 'load_pretrained',
-           'load_policy', 'frozen_copy', 'ValueHead', 'rlbook_cache_dir', 'installed_smollm2_gguf', 'verify_sha256',
-           'smollm2_wheel', 'extract_gguf', 'convert_gguf', 'smollm2_path']
+           'prepare_policy', 'tiny_policy', 'check_model_folder', 'check_causal_config', 'check_policy_name',
+           'load_pretrained', 'load_policy', 'frozen_copy', 'ValueHead', 'rlbook_cache_dir', 'installed_smollm2_gguf',
+           'verify_sha256', 'smollm2_wheel', 'extract_gguf', 'convert_gguf', 'smollm2_path']
 
 # %% ../nbs/00_models.ipynb #1a68e090
 class RLBookError(ValueError):
@@ -257,17 +257,26 @@ def check_causal_config(
                       "(decoder-only) language model such as gpt2, llama or qwen2")
 
 
+def check_policy_name(
+    name_or_path: str,  # what the user asked for
+) -> None:
+    "RLBookError for a name `load_policy` cannot resolve, found without loading anything (no network)."
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise _unknown_policy(str(name_or_path), "a policy name must be a non-empty string")
+    if name_or_path in BUILTIN_POLICIES:
+        return
+    if os.path.isdir(name_or_path):
+        check_model_folder(name_or_path)
+    elif not _HUB_ID.match(name_or_path):
+        raise _unknown_policy(name_or_path, "no such folder, and not a valid hub id")
+
+
 def load_pretrained(
     name_or_path: str,  # a local folder or a hub id
     dtype: torch.dtype | None = None,  # dtype to load the weights in (None: as stored)
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     "`AutoModelForCausalLM` and `AutoTokenizer` from a folder or the hub; `RLBookError` if that fails."
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise _unknown_policy(str(name_or_path), "a policy name must be a non-empty string")
-    if os.path.isdir(name_or_path):
-        check_model_folder(name_or_path)
-    elif not _HUB_ID.match(name_or_path):
-        raise _unknown_policy(name_or_path, "no such folder, and not a valid hub id")
+    check_policy_name(name_or_path)
     try:  # trust_remote_code stays off: no code from a model folder or the hub ever runs
         config = AutoConfig.from_pretrained(name_or_path)
         check_causal_config(name_or_path, config)
