@@ -10,6 +10,7 @@ __all__ = ['METHODS', 'DEFAULT_METHOD', 'field_help', 'option_owners', 'resolve_
 # %% ../nbs/99_cli.ipynb #636152b9
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -48,6 +49,7 @@ METHODS = {m.name: m for m in (
 DEFAULT_METHOD = next(iter(METHODS))
 
 # %% ../nbs/99_cli.ipynb #45d259b1
+@functools.cache  # reading the source takes ~30 ms a class; several methods share one options class
 def field_help(cls) -> dict:  # field name -> the comment on its line
     "Comments of a dataclass's fields, read from its source."
     src = inspect.getsource(cls)
@@ -213,7 +215,10 @@ def train_plan(args) -> tuple:  # (Method, TrainConfig, options or None), all ch
 def cmd_train(args) -> dict:  # the final evaluation
     method, cfg, options = train_plan(args)  # every check: nothing is built or written before it passes
     cfg.model = resolve_model(cfg.model, cfg.task, cfg.progress)
-    kwargs = method.setup(cfg, options) if method.setup else {}
+    try:  # a setup checks the rest of its options before it loads a model
+        kwargs = method.setup(cfg, options) if method.setup else {}
+    except RLBookError as e:
+        raise RLBookError(in_flags(str(e), [f.name for f in dataclasses.fields(options)] if options else [])) from e
     if options is not None:
         kwargs["options"] = options
     print(f"[rlbook] {method.name} on {cfg.task} with {cfg.model}: {cfg.steps} steps x {cfg.batch_size} sequences"
@@ -282,6 +287,6 @@ def main(argv: list | None = None) -> int:  # process exit status
         return 130
     return 0
 
-
-if __name__ == "__main__":  # python -m rlbook.cli ...
+# %% ../nbs/99_cli.ipynb #d3d0da15
+if __name__ == "__main__" and "__file__" in globals():  # `python -m rlbook.cli ...` (a notebook has no __file__)
     sys.exit(main())

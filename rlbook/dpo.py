@@ -600,6 +600,8 @@ def check_dpo_options(o: DPOConfig) -> None:
         raise RLBookError("label_smoothing must be in [0, 0.5], flip_rate in [0, 0.5), label_noise in [0, 0.5]")
     if o.divergence not in F_DIVERGENCES:
         raise RLBookError(f"divergence must be one of {sorted(F_DIVERGENCES)}, got {o.divergence!r}")
+    if isinstance(o.data_seed, bool) or not isinstance(o.data_seed, int) or o.data_seed < 0:
+        raise RLBookError(f"data_seed must be an integer >= 0, got {o.data_seed!r}")
     if o.n_pairs < 1:
         raise RLBookError(f"n_pairs must be positive, got {o.n_pairs}")
 
