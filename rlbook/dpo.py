@@ -575,28 +575,72 @@ class DPOConfig:
     gold_partial: float = 0.5  # gold reward of a wrong answer: this x its fraction of correct characters
     data_seed: int = 0  # seed of the sampled dataset (prompts, completions, labels)
 
+    def check(self) -> None:
+        "RLBookError for a hyperparameter out of range or a pairs_path that is not a file (`check_dpo_options`)."
+        check_dpo_options(self)
+
 
 def check_dpo_options(o: DPOConfig) -> None:
-    "RLBookError for an out-of-range hyperparameter."
+    "RLBookError for an out-of-range hyperparameter (`not x > 0` also refuses NaN) or a missing pairs file."
     if not o.beta > 0:
         raise RLBookError(f"beta must be > 0, got {o.beta}")
+    if not o.oracle_beta > 0:
+        raise RLBookError(f"oracle_beta must be > 0 (the annotator's temperature), got {o.oracle_beta}")
+    if not 0 <= o.gold_partial <= 1:
+        raise RLBookError(f"gold_partial must be in [0, 1] (a wrong answer's largest gold reward), got {o.gold_partial}")
+    if not 0 < o.f_alpha <= 1:
+        raise RLBookError(f"f_alpha must be in (0, 1] (f-DPO's alpha-divergence divides by it), got {o.f_alpha}")
+    for name in ("rpo_alpha", "kto_lambda_d", "kto_lambda_u"):
+        if not getattr(o, name) >= 0:
+            raise RLBookError(f"{name} must be >= 0 (a loss weight), got {getattr(o, name)}")
+    if o.pairs_path and not Path(o.pairs_path).is_file():
+        raise RLBookError(f"pairs_path {o.pairs_path!r}: " + ("is a folder, not a JSONL file" if Path(o.pairs_path).is_dir()
+                                                           else "no such file"))
     if not 0 <= o.label_smoothing <= 0.5 or not 0 <= o.flip_rate < 0.5 or not 0 <= o.label_noise <= 0.5:
         raise RLBookError("label_smoothing must be in [0, 0.5], flip_rate in [0, 0.5), label_noise in [0, 0.5]")
     if o.divergence not in F_DIVERGENCES:
         raise RLBookError(f"divergence must be one of {sorted(F_DIVERGENCES)}, got {o.divergence!r}")
+    if isinstance(o.data_seed, bool) or not isinstance(o.data_seed, int) or o.data_seed < 0:
+        raise RLBookError(f"data_seed must be an integer >= 0, got {o.data_seed!r}")
     if o.n_pairs < 1:
         raise RLBookError(f"n_pairs must be positive, got {o.n_pairs}")
 
 
 def read_pairs(path: str | Path) -> list:  # records of a JSONL file
-    "Preference records from a JSONL file (one JSON object per line); RLBookError naming a bad line."
+    "Preference records from a JSONL file (one JSON object per line); RLBookError naming the file, line and field."
+    p = Path(path)
+    if not p.is_file():
+        raise RLBookError(f"preference file {str(path)!r}: " + ("is a folder, not a JSONL file" if p.is_dir()
+                                                               else "no such file"))
+    try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RLBookError(f"{path}, line {line}: not UTF-8 text "
+                          f"(byte {raw[e.start]:#04x}); save the file as UTF-8 JSON lines") from None
+    except OSError as e:
+        raise RLBookError(f"cannot read preference file {str(path)!r}: {e.strerror}") from None
     out = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RLBookError(f"{path}, line {i + 1}: not JSON ({e})") from e
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RLBookError(f"{path}, line {i + 1}: not JSON ({e.msg} at column {e.colno}); each line must be "
+                              f"one object with fields {', '.join(PAIR_FIELDS)}") from None
+        if not isinstance(rec, dict):
+            raise RLBookError(f"{path}, line {i + 1}: a JSON {type(rec).__name__}, expected an object with fields "
+                              f"{', '.join(PAIR_FIELDS)}")
+        for k in PAIR_FIELDS:
+            if k not in rec:
+                raise RLBookError(f"{path}, line {i + 1}: no field {k!r} (fields: {', '.join(sorted(rec))})")
+            if not isinstance(rec[k], str):
+                raise RLBookError(f"{path}, line {i + 1}: field {k!r} must be a string, got {type(rec[k]).__name__}")
+        out.append(rec)
+    if not out:
+        raise RLBookError(f"preference file {str(path)!r} has no records")
     return out
 
 
@@ -615,14 +659,14 @@ def dpo_setup(
     "Reference policy and preference dataset (read from pairs_path, from out/pairs.jsonl on resume, or sampled)."
     o = options or DPOConfig()
     check_dpo_options(o)
+    cache = Path(cfg.out) / "pairs.jsonl"
+    records = (read_pairs(o.pairs_path) if o.pairs_path else  # read (and refused) before any model is loaded
+               read_pairs(cache) if cfg.resume and cache.exists() else None)
     policy, tok = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
     ref = frozen_copy(policy)
     base = get_task(cfg.task)
-    cache = Path(cfg.out) / "pairs.jsonl"
-    if o.pairs_path:
-        pairs, stats = validate_pairs(read_pairs(o.pairs_path), tok, context=model_context(ref))
-    elif cfg.resume and cache.exists():
-        pairs, stats = validate_pairs(read_pairs(cache), tok, context=model_context(ref))
+    if records is not None:
+        pairs, stats = validate_pairs(records, tok, context=model_context(ref))
     else:
         pairs, stats = make_preference_pairs(ref, tok, base, gold_oracle(base, o), o.n_pairs, seed=o.data_seed,
                                              max_new_tokens=cfg.max_new_tokens)

@@ -212,15 +212,33 @@ class GRPOConfig:
     overlong_penalty: float = 1.0  # reward penalty of a completion that reaches the budget (with overlong_cache)
     nft_min_ratio: float = 0.01  # NFT: floor of the implicit negative policy's ratio
 
+    def check(self) -> None:
+        "RLBookError for an unknown switch or a coefficient out of range (see `check_options`)."
+        check_options(self)
+
 
 def check_options(o: GRPOConfig) -> None:
-    "RLBookError for an unknown switch name or a bad coefficient."
+    "RLBookError for an unknown switch name or a bad coefficient (`not x >= 0` also refuses NaN)."
     for name, table in (("kl_estimator", KL_ESTIMATORS), ("adv_std", ADV_SCALES),
                         ("aggregation", AGGREGATIONS), ("ratio_level", RATIOS)):
         if getattr(o, name) not in table:
             raise RLBookError(f"{name} must be one of {sorted(table)}, got {getattr(o, name)!r}")
-    if o.beta < 0 or o.clip_eps_low < 0 or o.clip_eps_high < 0 or o.overlong_cache < 0:
-        raise RLBookError("beta, clip_eps_low, clip_eps_high and overlong_cache must be >= 0")
+    if not o.beta >= 0:
+        raise RLBookError(f"beta={o.beta} must be >= 0: it is the weight of the KL penalty toward the reference")
+    for name in ("clip_eps_low", "clip_eps_high"):
+        if not getattr(o, name) >= 0:
+            raise RLBookError(f"{name}={getattr(o, name)} must be >= 0: the ratio is clipped to "
+                              "[1 - clip_eps_low, 1 + clip_eps_high]")
+    if not o.acc_min <= o.acc_max:
+        raise RLBookError(f"acc_min={o.acc_min} > acc_max={o.acc_max} would mask every group: the difficulty "
+                          "filter keeps groups whose mean reward lies in [acc_min, acc_max]")
+    if isinstance(o.overlong_cache, bool) or not isinstance(o.overlong_cache, int) or o.overlong_cache < 0:
+        raise RLBookError(f"overlong_cache={o.overlong_cache!r} must be an integer >= 0 (tokens; 0 = off)")
+    if not o.overlong_penalty >= 0:
+        raise RLBookError(f"overlong_penalty={o.overlong_penalty} must be >= 0: a negative one would reward "
+                          "completions that run out of budget")
+    if not 0 < o.nft_min_ratio <= 1:
+        raise RLBookError(f"nft_min_ratio={o.nft_min_ratio} must be in (0, 1]: it floors a ratio inside a log")
 
 # %% ../nbs/40_grpo.ipynb #aa95fa9e
 def grpo_setup(

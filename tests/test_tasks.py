@@ -230,3 +230,28 @@ def test_get_task():
                          ("sentiment", dict(target="neutral"))]:
         with pytest.raises(RLBookError):
             get_task(name, **kwargs)
+
+
+def test_checked_reward_accepts_real_numbers_only():
+    "bool, int, float, numpy scalars and one-element real tensors are rewards; anything else is one clear line."
+    import numpy as np
+
+    from rlbook.tasks import Example, Task, checked_reward
+
+    class Fixed(Task):
+        def __init__(self, value):
+            self.value = value
+
+        def reward(self, example, completion):
+            return self.value
+
+    ex = Example(prompt="2+2=", answer="4", solution="4")
+    for value, want in [(False, 0.0), (2, 2.0), (0.5, 0.5), (np.float16(0.5), 0.5), (np.int8(-1), -1.0),
+                        (torch.tensor(0.25, dtype=torch.float64), 0.25), (torch.tensor([[3]]), 3.0)]:
+        got = checked_reward(Fixed(value), ex, "4")
+        assert type(got) is float and got == want
+    for value in ["1.0", None, [1.0], (1.0,), torch.zeros(2), np.array([1.0, 2.0]), 1j, math.nan, math.inf,
+                  torch.tensor(float("nan")), np.float64("nan")]:
+        with pytest.raises(RLBookError, match=r"on prompt '2\+2=' with completion '4'") as err:
+            checked_reward(Fixed(value), ex, "4")
+        assert "\n" not in str(err.value)
