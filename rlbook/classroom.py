@@ -33,14 +33,14 @@ from .models import RLBookError
 
 # %% auto #0
 __all__ = ['ROOT', 'STUB_BODY', 'EXCLUDED', 'HEADER', 'LONG_FLAGS', 'MY_RESULTS', 'SETUP', 'STUDENT_README', 'DTYPES',
-           'DENIED_EVENTS', 'DENIED_PREFIXES', 'PATH_EVENTS', 'VIOLATION_EXIT', 'TIMEOUT', 'MEMORY_MB', 'STATUSES',
-           'EXIT_CODES', 'chapters', 'find_chapter', 'read_cells', 'directives', 'strip_directives', 'module_name',
-           'parse', 'is_stub', 'stub_source', 'Exercise', 'find_exercises', 'is_export', 'base_namespace',
-           'SubmissionAborted', 'StudentCodeError', 'run_checks', 'failure_message', 'show', 'tainted_names',
-           'explained', 'solutions', 'stub_functions', 'bound_names', 'attempted', 'student_notebook', 'dumps',
-           'student_files', 'build', 'stale', 'encode', 'decode', 'send_message', 'read_message', 'make_guard',
-           'limit_resources', 'grader_worker', 'StudentFunction', 'Submission', 'student_sources', 'grade', 'check',
-           'list_exercises']
+           'DENIED_EVENTS', 'DENIED_PREFIXES', 'PATH_EVENTS', 'VIOLATION_EXIT', 'TIMEOUT', 'MEMORY_MB', 'WORKER_ENV',
+           'STATUSES', 'EXIT_CODES', 'chapters', 'find_chapter', 'read_cells', 'directives', 'strip_directives',
+           'module_name', 'parse', 'is_stub', 'stub_source', 'Exercise', 'find_exercises', 'is_export',
+           'base_namespace', 'SubmissionAborted', 'StudentCodeError', 'run_checks', 'failure_message', 'show',
+           'tainted_names', 'explained', 'solutions', 'stub_functions', 'bound_names', 'attempted', 'student_notebook',
+           'dumps', 'student_files', 'build', 'stale', 'encode', 'decode', 'send_message', 'read_message', 'make_guard',
+           'limit_resources', 'grader_worker', 'fork_server_main', 'ForkServer', 'fork_server', 'StudentFunction',
+           'Submission', 'student_sources', 'grade', 'check', 'list_exercises']
 
 # %% ../nbs/98_classroom.ipynb #70792305
 ROOT = Path(rlbook.__file__).resolve().parents[1]  # the repository: nbs/, tests/, student/
@@ -938,13 +938,20 @@ def make_guard(
     import stat as stat_mod
     from pathlib import PurePath
 
-    def guard(event, args, *, _scratch=scratch, _fd=report_fd, _denied=DENIED_EVENTS,
+    from pathlib import PosixPath, PurePosixPath
+
+    def guard(event, args, _scratch=scratch, _fd=report_fd, _denied=DENIED_EVENTS,
               _prefixes=DENIED_PREFIXES, _paths=PATH_EVENTS, _lstat=posix.lstat, _stat=posix.stat,
               _readlink=posix.readlink, _getcwd=posix.getcwd, _write=posix.write, _exit=posix._exit,
-              _islnk=stat_mod.S_ISLNK, _isdir=stat_mod.S_ISDIR, _isinstance=isinstance, _type=type,
-              _str=str, _bytes=bytes, _int=int, _tuple=tuple, _len=len, _OSError=OSError,
-              _purepath=PurePath, _fspath=PurePath.__fspath__, _tostr=PurePath.__str__,
-              _pack=struct.pack, _dumps=json.dumps, _exit_code=VIOLATION_EXIT):
+              _islnk=stat_mod.S_ISLNK, _isdir=stat_mod.S_ISDIR, _type=type, _str=str, _bytes=bytes,
+              _int=int, _len=len, _OSError=OSError, _paths_ok=(PosixPath, PurePosixPath),
+              _fspath=PurePath.__fspath__, _tostr=PurePath.__str__, _pack=struct.pack, _dumps=json.dumps,
+              _exit_code=VIOLATION_EXIT, _function=type(make_guard), _me=("make_guard.<locals>.guard", make_guard.__code__.co_filename)):
+        if _type(event) is not _str:
+            return
+        if not (event in _denied or event in _paths or event == "open" or event == "import"
+                or event == "object.__setattr__" or event.startswith(_prefixes)):
+            return
 
         def stop(why):
             data = _dumps({"violation": why, "event": event}).encode()
@@ -954,25 +961,25 @@ def make_guard(
         def resolve(p, dir_fd=None):  # an absolute path with every symbolic link resolved, or None
             if p is None:
                 return None
-            if _isinstance(p, _int):
+            if _type(p) is _int:
                 if p < 0:
                     return None
                 try:
                     return _readlink(f"/proc/self/fd/{p}")
                 except _OSError:
                     return "<fd>"
-            if _isinstance(p, _purepath):
-                t = _type(p)
+            t = _type(p)
+            if t is _paths_ok[0] or t is _paths_ok[1]:
                 if t.__fspath__ is not _fspath or t.__str__ is not _tostr:
-                    stop(f"a path object whose class was patched ({t.__name__})")
+                    stop("a path object whose class was patched")
                 p = _tostr(p)
-            if _isinstance(p, _bytes):
+            elif t is _bytes:
                 p = p.decode("utf-8", "surrogateescape")
-            if not _isinstance(p, _str):
-                stop(f"a path of type {_type(p).__name__}")
+            elif t is not _str:
+                stop("a path that is not a str, bytes or pathlib path")
             if not p.startswith("/"):
                 base = _getcwd()
-                if dir_fd is not None and _isinstance(dir_fd, _int) and dir_fd >= 0:
+                if _type(dir_fd) is _int and dir_fd >= 0:
                     try:
                         base = _readlink(f"/proc/self/fd/{dir_fd}")
                     except _OSError:
@@ -1008,18 +1015,22 @@ def make_guard(
 
         if event in _denied or event.startswith(_prefixes):
             stop(f"{event} is not allowed while grading")
-        if event == "import" and args and args[0] in ("_posixsubprocess", "_ctypes", "ctypes"):
-            stop(f"importing {args[0]} is not allowed while grading")
-        if event == "object.__setattr__" and _len(args) > 1 and args[1] in ("__code__", "__defaults__",
-                                                                            "__kwdefaults__"):
-            stop(f"setting {args[1]} of a function is not allowed while grading")
+        if event == "import":
+            if args and _type(args[0]) is _str and args[0] in ("_posixsubprocess", "_ctypes", "ctypes"):
+                stop(f"importing {args[0]} is not allowed while grading")
+            return
+        if event == "object.__setattr__":
+            if _len(args) > 1 and _type(args[0]) is _function and (args[0].__code__.co_qualname,
+                                                                    args[0].__code__.co_filename) == _me:
+                stop("changing the grader's guard is not allowed")
+            return
         if event == "open":
             path, mode, flags = args
-            if path is None or _isinstance(path, _int):
+            if path is None or _type(path) is _int:
                 return
-            flags = flags if _isinstance(flags, _int) else 0
-            writes = flags & 0o3 or flags & 0o1000 or flags & 0o100 or flags & 0o2000  # WR, TRUNC, CREAT, APPEND
-            if _isinstance(mode, _str) and ("w" in mode or "a" in mode or "x" in mode or "+" in mode):
+            writes = _type(flags) is not _int or flags & 0o3 or flags & 0o3100  # WR, RDWR, CREAT, TRUNC, APPEND
+            if mode is not None and (_type(mode) is not _str or "w" in mode or "a" in mode or "x" in mode
+                                     or "+" in mode):
                 writes = True
             real = resolve(path)
             if inside(real):
@@ -1042,7 +1053,7 @@ def make_guard(
                         stop(f"{event} of {real} (outside the scratch folder) is not allowed while grading")
                 return
             for k in _paths[event]:
-                real = resolve(args[k], dir_fd if _isinstance(dir_fd, _int) else None)
+                real = resolve(args[k], dir_fd if _type(dir_fd) is _int else None)
                 if not inside(real):
                     stop(f"{event} of {real} (outside the scratch folder) is not allowed while grading")
 
@@ -1214,6 +1225,129 @@ class _Remote(torch.autograd.Function):
         return (None, None, None, *ctx.sub.grad(ctx.node, list(grads), inputs, torch.is_grad_enabled()))
 
 
+WORKER_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+              "PYTHONHASHSEED": "0"}  # the whole environment of a worker (plus HOME and TMPDIR: its scratch folder)
+
+
+def fork_server_main(sock_fd: int) -> None:
+    "The fork server: a fresh Python that imports torch and the chapters once, then forks one worker per request."
+    import socket
+    sock = socket.socket(fileno=sock_fd)
+    torch.set_num_threads(1)
+    for path in chapters().values():  # every chapter's module and notebook imports, once
+        with contextlib.suppress(Exception):
+            base_namespace(path)
+    sock.send(b'{"ready": true}')
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)
+        req = json.loads(msg)
+        if req["op"] == "spawn":
+            pid = os.fork()
+            if pid == 0:  # the worker
+                try:
+                    sock.close()
+                    os.setsid()
+                    req_r, resp_w, out, trace = fds
+                    os.dup2(out, 1)
+                    os.dup2(out, 2)
+                    os.environ.clear()
+                    os.environ.update(req["env"])
+                    grader_worker(req_r, resp_w, trace)
+                finally:
+                    os._exit(1)
+            for fd in fds:
+                os.close(fd)
+            sock.send(json.dumps({"pid": pid}).encode())
+        elif req["op"] == "wait":  # reap a worker (killing it if it is still alive at the deadline)
+            deadline, code = time.monotonic() + float(req["timeout"]), None
+            with contextlib.suppress(ChildProcessError):
+                while True:
+                    done, status = os.waitpid(req["pid"], os.WNOHANG)
+                    if not done and time.monotonic() > deadline:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(req["pid"], signal.SIGKILL)
+                        done, status = os.waitpid(req["pid"], 0)
+                    if done:
+                        code = os.waitstatus_to_exitcode(status)
+                        break
+                    time.sleep(0.02)
+            sock.send(json.dumps({"status": code}).encode())
+
+
+class ForkServer:
+    "The grader's handle on its fork server (started once per grading process, on first use)."
+
+    def __init__(self):
+        import socket
+        import threading
+        self.lock = threading.Lock()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        path = [os.getcwd() if p == "" else p for p in sys.path]
+        boot = ("import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
+                "from rlbook.classroom import fork_server_main; fork_server_main(int(sys.argv[2]))")
+        home = tempfile.mkdtemp(prefix="rlbook-forkserver-")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-c", boot, json.dumps(path), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True, cwd=home,
+                env={**WORKER_ENV, "HOME": home, "TMPDIR": home})
+        finally:
+            theirs.close()
+        if "ready" not in self._recv(300):
+            raise RLBookError("the grader's fork server did not start")
+
+    def _recv(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        data = self.sock.recv(1 << 16) if ready else b""
+        if not data:
+            raise RLBookError("the grader's fork server stopped answering")
+        return json.loads(data)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, fds: list, env: dict) -> int:  # the worker's pid
+        import socket
+        with self.lock:
+            socket.send_fds(self.sock, [json.dumps({"op": "spawn", "env": env}).encode()], fds)
+            return self._recv(120)["pid"]
+
+    def wait(self, pid: int, timeout: float) -> int:  # its exit status (negative: killed by that signal)
+        with self.lock:
+            self.sock.send(json.dumps({"op": "wait", "pid": pid, "timeout": timeout}).encode())
+            return self._recv(timeout + 60)["status"]
+
+
+_FORK_SERVER = None
+
+
+def fork_server() -> ForkServer:
+    "The fork server of this process (started again if it died)."
+    global _FORK_SERVER
+    if _FORK_SERVER is None or not _FORK_SERVER.alive():
+        _FORK_SERVER = ForkServer()
+    return _FORK_SERVER
+
+
+class _Worker:
+    "A worker process, forked by the fork server (which reaps it)."
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def wait(self, timeout: float = 10.0) -> int:
+        if self.returncode is None:
+            self.returncode = fork_server().wait(self.pid, timeout)
+        return self.returncode
+
+
 class StudentFunction:
     "Stands in for the student's function `name`: a call is a request to the worker."
 
@@ -1250,6 +1384,7 @@ class Submission:
         self.timeout, self.memory_mb = float(timeout), memory_mb
         self.proc = self.tmp = None
         self.dead, self.errors, self.defined, self.remaining, self.current = None, {}, set(), self.timeout, None
+        self.load_failure = None  # why loading the student's code failed (then no exercise is retried)
 
     # --- process ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -1260,26 +1395,17 @@ class Submission:
         scratch = top / "scratch"
         scratch.mkdir()
         self.out_path, self.trace_path = top / "output.txt", top / "trace.txt"
-        out, trace = open(self.out_path, "wb"), open(self.trace_path, "wb")
+        out = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        trace = os.open(self.trace_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         req_r, self.req_w = os.pipe()
         self.resp_r, resp_w = os.pipe()
-        path = [os.getcwd() if p == "" else p for p in sys.path]
-        boot = ("import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-                "from rlbook.classroom import grader_worker; grader_worker(*map(int, sys.argv[2:5]))")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(scratch), "TMPDIR": str(scratch),
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LANG": "C.UTF-8", "MPLBACKEND": "Agg",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+        env = {**WORKER_ENV, "HOME": str(scratch), "TMPDIR": str(scratch)}
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-c", boot, json.dumps(path), str(req_r), str(resp_w),
-                 str(trace.fileno())], cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, pass_fds=(req_r, resp_w, trace.fileno()), start_new_session=True)
+            self.proc = _Worker(fork_server().spawn([req_r, resp_w, out, trace], env))
         finally:
-            for fd in (req_r, resp_w):
+            for fd in (req_r, resp_w, out, trace):
                 os.close(fd)
-            out.close()
-            trace.close()
-        self.dead = None
+        self.dead, self.shown = None, 0
         cpu = int(self.timeout * (len(self.wanted) + 2) + 120)
         self._request({"op": "init", "nb": str(self.nb.resolve()), "scratch": str(scratch),
                        "memory_mb": self.memory_mb, "cpu_s": cpu}, budget=max(180.0, self.timeout))
@@ -1362,10 +1488,7 @@ class Submission:
             time.sleep(0.5)
             raise self._abort(f"timed out: ran for more than {limit:g} s{during}", self._trace_where()) from None
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            try:
-                rc = self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = self.proc.wait(timeout=10)
             if rc is not None and rc < 0:
                 name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
                 why = f"crashed with signal {name}{during}"
@@ -1590,12 +1713,14 @@ def grade(
 
 def _grade_one(sub: Submission, ex: Exercise, base: dict) -> tuple:  # (status, detail)
     "One exercise in the worker (started, or started again after a death)."
+    if sub.load_failure:
+        return "error", sub.load_failure
     try:
         if sub.proc is None or sub.dead:
             sub.start()
-    except SubmissionAborted as e:
-        return "error", f"your code could not be loaded: {e}"
-    start = sub.output()[1]
+    except SubmissionAborted as e:  # the same would happen for every exercise: say it once, do not retry
+        sub.load_failure = f"your code could not be loaded: {e}"
+        return "error", sub.load_failure
     failed = [rec for fname, rec in sub.errors.items()
               if any(re.search(rf"\bdef\s+{n}\b", sub.files[fname]) for n in ex.names) or sub.module]
     if failed:
@@ -1607,7 +1732,7 @@ def _grade_one(sub: Submission, ex: Exercise, base: dict) -> tuple:  # (status, 
         return "not attempted", "no function of that name after loading your code"
     sub.begin()
     status, detail = run_checks(ex, {n: StudentFunction(sub, n) for n in ex.names}, base)
-    printed, _ = sub.output(start)
+    printed, sub.shown = sub.output(sub.shown)  # what it printed since the last report (loading included)
     if printed.strip():
         lines = printed.splitlines()
         shown = ["| " + "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in l)[:200]
