@@ -481,7 +481,7 @@ def explained(
         lines = [str(msg) if msg is not None else "assertion failed"]
         for j, (seg, taint, role) in enumerate(parts):
             if j in values:
-                label = ("received" if taint else "expected") if mixed and role == "operand" else "value"
+                label = "received" if taint else "expected" if mixed and role == "operand" else "value"
                 lines.append(f"{'  ' if role == 'part' else ''}{label} {seg} = {show(values[j])}")
         if len(ops) == 2:
             diff = _difference(values[ops[0]], values[ops[1]])
@@ -1473,7 +1473,6 @@ class Submission:
         t0 = time.monotonic()
         limit = self.remaining if budget is None else budget
         deadline = t0 + limit
-        during = f" while {self.current}" if self.current else ""
         try:
             send_message(self.req_w, msg, deadline)
             while True:
@@ -1483,11 +1482,13 @@ class Submission:
                     continue
                 break
         except TimeoutError:
+            during = f" while {self.current}" if self.current else ""
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.proc.pid, signal.SIGUSR1)
             time.sleep(0.5)
             raise self._abort(f"timed out: ran for more than {limit:g} s{during}", self._trace_where()) from None
         except (EOFError, BrokenPipeError, ConnectionResetError):
+            during = f" while {self.current}" if self.current else ""
             rc = self.proc.wait(timeout=10)
             if rc is not None and rc < 0:
                 name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
@@ -1498,10 +1499,11 @@ class Submission:
                 why = f"ended the grading process (exit status {rc}{', os._exit?' if rc == 0 else ''}){during}"
             raise self._abort(why, self._trace_where()) from None
         except (ValueError, KeyError, TypeError) as e:
-            raise self._abort(f"sent a malformed reply ({e}){during}") from None
+            raise self._abort(f"sent a malformed reply ({e})") from None
         finally:
             if budget is None:
                 self.remaining -= time.monotonic() - t0
+        during = f" while {self.current}" if self.current else ""
         if "violation" in reply:
             raise self._abort(f"stopped by the grader: {reply['violation']}{during}", self._trace_where())
         if "ready" not in reply and "defined" not in reply and "value" not in reply and "raised" not in reply:
@@ -1573,9 +1575,10 @@ class Submission:
         msg = {"op": "call", "name": name, "args": self._encode_args(list(args), grads),
                "kwargs": self._encode_args(dict(kwargs), grads)}
         self.current = f"running your {name}"
+        reply = self._reply(self._request(msg))
         try:
-            return self._decode_result(self._reply(self._request(msg)), tuple(grads))
-        except (ValueError, KeyError) as e:
+            return self._decode_result(reply, tuple(grads))
+        except (ValueError, KeyError, TypeError) as e:
             raise self._abort(f"your {name} sent a malformed reply ({e})") from None
 
     def grad(self, node: int, grads: list, inputs: tuple, create_graph: bool) -> list:

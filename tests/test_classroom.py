@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from rlbook.classroom import (EXCLUDED, base_namespace, chapters, find_exercises, is_stub, run_checks, solutions, stale,
-                              stub_functions)
+from rlbook.classroom import (EXCLUDED, ROOT, base_namespace, chapters, find_exercises, grade, is_stub, run_checks,
+                              solutions, stale, stub_functions)
 
 
 # --- solutions of the exercises -------------------------------------------------------------
@@ -40,6 +40,28 @@ def test_checker_fails_on_the_stub_and_passes_on_the_solution(ex):
     assert status != "correct", f"{ex.chapter}: the check of {ex.label} passes on the stub"
     status, detail = run_checks(ex, solutions(ex), ns)
     assert status == "correct", f"{ex.chapter}: the check of {ex.label} says {status} on the solution: {detail}"
+
+
+CHAPTERS = sorted({ex.chapter for ex in CASES})
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_reference_solutions_are_correct_through_the_grader(chapter, tmp_path):
+    "The grader's own path (a worker process, values and gradients sent back): every solution is correct."
+    lines = ["import sys", f"sys.path.insert(0, {str(ROOT / 'tests')!r})"]
+    for ex in (ex for ex in CASES if ex.chapter == chapter):
+        lines.append(f"from {'rlbook.' + ex.module if ex.kind == 'implement' else 'test_' + ex.module} "
+                     f"import {', '.join(ex.names)}")
+    path = tmp_path / "solutions.py"
+    path.write_text("\n".join(lines) + "\n")
+    rows = grade(chapter, module=path)
+    assert [(ex.label, st) for ex, st, _ in rows] == [(ex.label, "correct") for ex, _, _ in rows], rows
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_untouched_student_edition_is_not_attempted(chapter):
+    rows = grade(chapter)
+    assert {st for _, st, _ in rows} == {"not attempted"}, rows
 
 
 def test_student_editions_equal_a_fresh_generation():

@@ -143,7 +143,7 @@ def test_attack_in_the_function_is_never_correct(tmp_path, name):
     assert seconds < 60, seconds
 
 
-@pytest.mark.parametrize("how", ["os.remove({p!r})", "import shutil\nshutil.rmtree({d!r})",
+@pytest.mark.parametrize("how", ["import os\nos.remove({p!r})", "import shutil\nshutil.rmtree({d!r})",
                                  "open({p!r}, 'w').write('dead')", "import os\nos.rename({p!r}, 'here.txt')",
                                  "import os\nos.symlink({p!r}, 'link')\nopen('link', 'w')",
                                  "import os\nos.chmod({p!r}, 0)",
@@ -222,7 +222,7 @@ def test_syntax_error_is_an_error_with_its_line(tmp_path):
     st, text, rc, _ = run(tmp_path, SOLUTION.replace("    lo, hi = math.log(1e-6), math.log(1e6)",
                                                      "    lo, hi = math.log(1e-6), math.log(1e6)))"))
     assert st == {"optimal_value": "error", "beta_for_kl": "error"} and rc == 1, text
-    assert "syntax error in mine.py, line 13: unmatched ')': `lo, hi = math.log(1e-6), math.log(1e6)))`" in text
+    assert "syntax error in mine.py, line 12: unmatched ')': `lo, hi = math.log(1e-6), math.log(1e6)))`" in text
 
 
 def test_syntax_error_in_a_notebook_cell(tmp_path):
