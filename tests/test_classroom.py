@@ -64,6 +64,33 @@ def test_untouched_student_edition_is_not_attempted(chapter):
     assert {st for _, st, _ in rows} == {"not attempted"}, rows
 
 
+def test_student_editions_never_run_long_cells_nor_write_the_book_results():
+    "Run All in a student edition skips every slow or gpu cell; those write to my_results/, not ../data/results."
+    import json
+    from rlbook.classroom import directives, read_cells
+    n = 0
+    for stem, path in chapters().items():
+        edition = ROOT / "student" / f"{stem}.ipynb"
+        if not edition.exists():
+            continue
+        cells = {c.get("id"): c for c in json.loads(edition.read_text())["cells"]}
+        flagged = [c for c in read_cells(path) if c["cell_type"] == "code" and {"slow", "gpu"} & set(directives(c["source"]))]
+        for c in flagged:
+            mine = cells[c["id"]]
+            src = "".join(mine["source"])
+            if mine["cell_type"] == "code":
+                assert src.startswith(("if RUN_SLOW:", "if RUN_GPU:")), f"{stem}: cell {c['id']} runs by default"
+                ns = {"RUN_SLOW": False, "RUN_GPU": False}
+                exec(compile(src, stem, "exec"), ns)  # switched off: nothing runs, nothing is defined
+                assert set(ns) - {"__builtins__"} == {"RUN_SLOW", "RUN_GPU"}
+            assert "../data/results" not in src, f"{stem}: cell {c['id']} writes into the book's results"
+            n += 1
+        if flagged:
+            setup = "".join(cells["student-setup"]["source"])
+            assert "RUN_SLOW = False" in setup and "RUN_GPU = False" in setup
+    assert n >= 20
+
+
 def test_student_editions_equal_a_fresh_generation():
     bad = stale()
     assert not bad, "student/ is out of date; regenerate it with `rlbook exercises build`: " + ", ".join(bad)

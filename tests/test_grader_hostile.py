@@ -258,3 +258,26 @@ def test_cli_exit_code_is_1_with_a_report(tmp_path, attack):
         rc = main(["exercises", "check", CHAPTER, "--module", str(path), "--require-all"])
     assert rc == 1 and "optimal_value  error:" in out.getvalue(), out.getvalue()
     assert summary(out.getvalue()).startswith(f"{CHAPTER}: 0 of 2 correct, 1 wrong, 1 error")
+
+
+@pytest.mark.parametrize("attack, says", [
+    ("import os\nos.remove({p!r})", "your code could not be loaded: stopped by the grader: os.remove of {p}"),
+    ("import sys\nsys.exit(0)", "loading your code called sys.exit(0) (your cell {k}, line 2: `sys.exit(0)`)"),
+    ("import builtins\nbuiltins.print = None\nimport torch\ntorch.allclose = lambda *a, **k: True", "wrong"),
+])
+def test_attacks_from_a_notebook_cell(tmp_path, canary, attack, says):
+    "The same from a student's notebook: the cell that defines the function runs the attack when it is loaded."
+    from rlbook.classroom import chapters, dumps, student_notebook
+    nb = student_notebook(chapters()[CHAPTER])
+    k = next(i for i, c in enumerate(nb["cells"]) if "def optimal_value" in "".join(c["source"]))
+    wrong = "def optimal_value(ref_logits, reward, beta):\n    return ref_logits.sum(-1)\n"
+    nb["cells"][k]["source"] = [attack.format(p=str(canary)) + "\n\n" + wrong]
+    path = tmp_path / "mine.ipynb"
+    path.write_text(dumps(nb))
+    out = io.StringIO()
+    assert check(CHAPTER, notebook=path, file=out, timeout=TIMEOUT, memory_mb=MEMORY_MB) == 1
+    text = out.getvalue()
+    assert canary.read_text() == "alive", text
+    line = next(l for l in text.splitlines() if l.startswith("optimal_value"))
+    assert "correct" not in line and says.format(p=canary, k=k) in line, text
+    assert "beta_for_kl    not attempted" in text
