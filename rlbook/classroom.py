@@ -1346,24 +1346,24 @@ def limit_resources(
     memory_mb: int | None,  # address space allowed beyond the current one (None: no limit)
     cpu_s: int | None,  # CPU seconds for the worker's whole life (None: no limit)
 ) -> None:
-    "setrlimit in the worker: memory, CPU, file size, core files, processes."
+    "setrlimit in the worker: memory, CPU, file size, core files, processes (each where the OS has it)."
     import resource
 
+    limits = [(resource.RLIMIT_FSIZE, 64 * 2**20), (resource.RLIMIT_CORE, 0)]
     if memory_mb:
-        have = next(
-            (
-                int(l.split()[1]) * 1024
-                for l in Path("/proc/self/status").read_text().splitlines()
-                if l.startswith("VmSize:")
-            ),
-            0,
-        )
-        resource.setrlimit(resource.RLIMIT_AS, (have + memory_mb * 2**20,) * 2)
+        try:
+            status = Path("/proc/self/status").read_text().splitlines()
+            have = next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmSize:"))
+            limits.append((resource.RLIMIT_AS, have + memory_mb * 2**20))
+        except (OSError, StopIteration):  # no /proc (not Linux): no address-space limit
+            pass
     if cpu_s:
-        resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s) + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20,) * 2)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        limits.append((resource.RLIMIT_CPU, int(cpu_s)))
+    if hasattr(resource, "RLIMIT_NPROC"):
+        limits.append((resource.RLIMIT_NPROC, 0))
+    for what, value in limits:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(what, (value, value + 1 if what == resource.RLIMIT_CPU else value))
 
 # %% ../nbs/98_classroom.ipynb #c0dec006
 def _exc_record(e: BaseException, files: set) -> dict:

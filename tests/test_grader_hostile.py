@@ -281,3 +281,22 @@ def test_attacks_from_a_notebook_cell(tmp_path, canary, attack, says):
     line = next(l for l in text.splitlines() if l.startswith("optimal_value"))
     assert "correct" not in line and says.format(p=canary, k=k) in line, text
     assert "beta_for_kl    not attempted" in text
+
+
+def test_the_worker_runs_under_its_limits_in_a_scratch_folder(tmp_path):
+    "What the student's code sees: rlimits set, cwd = HOME = TMPDIR = a scratch folder, a minimal environment."
+    from rlbook.classroom import Submission, StudentFunction, chapters
+    src = ("import os, resource, tempfile\n\ndef probe():\n"
+           "    r = resource\n"
+           "    return [r.getrlimit(r.RLIMIT_AS)[0], r.getrlimit(r.RLIMIT_FSIZE)[0], r.getrlimit(r.RLIMIT_CPU)[0],\n"
+           "            r.getrlimit(r.RLIMIT_CORE)[0], r.getrlimit(r.RLIMIT_NPROC)[0], os.getcwd(),\n"
+           "            os.path.realpath(os.environ['HOME']), tempfile.gettempdir(), sorted(os.environ)]\n")
+    with Submission(chapters()[CHAPTER], [("probe.py", src)], ["probe"], timeout=TIMEOUT, memory_mb=MEMORY_MB,
+                    module=True) as sub:
+        sub.start()
+        as_, fsize, cpu, core, nproc, cwd, home, tmp, env = StudentFunction(sub, "probe")()
+        scratch = str(Path(sub.tmp.name).resolve() / "scratch")
+    assert 0 < as_ < 64 * 2 ** 30 and fsize == 64 * 2 ** 20 and 0 < cpu < 10 ** 4 and core == 0 and nproc == 0
+    assert cwd == home == os.path.realpath(tmp) == scratch
+    assert "HOME" in env and "TMPDIR" in env and not {"PYTHONPATH", "USER", "SSH_AUTH_SOCK"} & set(env)
+    assert not Path(scratch).exists()  # removed afterwards
