@@ -2126,10 +2126,10 @@ def grade(
         raise RLBookError(f"{nb.stem} has no exercises")
     if notebook is None and module is None:
         notebook = root / "student" / f"{nb.stem}.ipynb"
-    if timeout is None or not timeout > 0:
-        raise RLBookError(f"the time limit must be a positive number of seconds, not {timeout}")
-    if memory_mb is not None and not memory_mb > 0:
-        raise RLBookError(f"the memory limit must be a positive number of MiB, not {memory_mb}")
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise RLBookError(f"--timeout must be a number of seconds in (0, 86400], not {timeout}")
+    if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb <= 0):
+        raise RLBookError(f"--memory-mb must be a positive whole number of MiB, not {memory_mb}")
     sources, syntax, kinds = student_sources(exs, notebook, module)
     wanted = sorted({n for ex in exs for n in ex.names})
     base = base_namespace(nb)

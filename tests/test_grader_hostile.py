@@ -300,3 +300,13 @@ def test_the_worker_runs_under_its_limits_in_a_scratch_folder(tmp_path):
     assert cwd == home == os.path.realpath(tmp) == scratch
     assert "HOME" in env and "TMPDIR" in env and not {"PYTHONPATH", "USER", "SSH_AUTH_SOCK"} & set(env)
     assert not Path(scratch).exists()  # removed afterwards
+
+
+@pytest.mark.parametrize("limits", [dict(timeout=0), dict(timeout=float("nan")), dict(timeout=float("inf")),
+                                    dict(memory_mb=-1), dict(memory_mb=1.5)])
+def test_bad_limits_are_one_clear_error(tmp_path, limits):
+    from rlbook.models import RLBookError
+    path = tmp_path / "mine.py"
+    path.write_text(SOLUTION)
+    with pytest.raises(RLBookError, match="^--(timeout|memory-mb) must be"):
+        check(CHAPTER, module=path, file=io.StringIO(), **limits)
