@@ -108,3 +108,28 @@ def test_cli_exercises():
     lines = err.getvalue().splitlines()
     assert len(lines) == 2 and all(l.startswith("error: ") for l in lines) and "Traceback" not in err.getvalue()
     assert "unknown chapter" in lines[0] and "no such file" in lines[1]
+
+
+def test_a_failing_check_in_a_student_edition_points_at_its_assert_in_jupyter():
+    "In a Jupyter kernel, the traceback of a failing self-check shows the failing assert, not an except line."
+    import re
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "student" / "40_grpo.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    stub = next(c for c in code if c.source.startswith("# your turn: write group_advantages"))
+    chk = next(c for c in code if "if attempted(group_advantages):" in c.source)
+    wrong = nbformat.v4.new_code_cell(
+        "import torch, math\nfrom rlbook.grpo import batch_std, no_std\n\n"
+        "def group_advantages(reward, group_size, scale=None, eps=1e-4):  # forgets the std\n"
+        "    return reward - reward.view(-1, group_size).mean(-1).repeat_interleave(group_size)\n")
+    imports = nbformat.v4.new_code_cell("import math\nimport torch\nfrom rlbook.grpo import *")
+    nb.cells = [imports, stub, chk, wrong, nbformat.v4.new_code_cell(chk.source)]
+    nbclient.NotebookClient(nb, allow_errors=True, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "student")}}).execute()
+    assert any("group_advantages: not attempted yet" in o.get("text", "") for o in nb.cells[2].outputs)
+    err = next(o for o in nb.cells[4].outputs if o.output_type == "error")
+    assert err.ename == "AssertionError"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback))
+    arrow = [l for l in text.splitlines() if l.lstrip().startswith("--->")]
+    assert arrow and "assert torch.allclose(A, torch.tensor(naive)" in arrow[-1], arrow
