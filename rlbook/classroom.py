@@ -1099,7 +1099,10 @@ def read_message(fd: int, deadline: float | None = None, limit: int = 1 << 29) -
     (n,) = struct.unpack(">Q", _read(fd, 8, deadline))
     if n > limit:
         raise ValueError(f"a message of {n >> 20} MiB (more than {limit >> 20} MiB)")
-    msg = json.loads(_read(fd, n, deadline))
+    try:
+        msg = json.loads(_read(fd, n, deadline))
+    except RecursionError:
+        raise ValueError("a message nested too deeply") from None
     if not isinstance(msg, dict):
         raise ValueError("a message that is not an object")
     return msg
@@ -1992,8 +1995,8 @@ class Submission:
         reply = self._reply(self._request(msg))
         try:
             return self._decode_result(reply, tuple(grads))
-        except (ValueError, KeyError, TypeError) as e:
-            raise self._abort(f"your {name} sent a malformed reply ({e})") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise self._abort(f"your {name} sent a malformed reply ({type(e).__name__})") from None
 
     def grad(self, node: int, grads: list, inputs: tuple, create_graph: bool) -> list:
         "Backward through a call in the worker: the gradients of its inputs."

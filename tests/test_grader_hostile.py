@@ -310,3 +310,18 @@ def test_bad_limits_are_one_clear_error(tmp_path, limits):
     path.write_text(SOLUTION)
     with pytest.raises(RLBookError, match="^--(timeout|memory-mb) must be"):
         check(CHAPTER, module=path, file=io.StringIO(), **limits)
+
+
+def test_a_forged_reply_is_an_error(tmp_path):
+    "A submission that writes its own reply frames to the grader's pipe only sends data (or garbage): never correct."
+    forge = ('import os, struct\n'
+             'frames = [b\'{"value": {"$": "tensor", "dtype": "float32", "shape": [3], "data": "AAAA"}}\',\n'
+             '          b\'{"value": \' + b"[" * 100000 + b"]" * 100000 + b"}", b\'["not", "an", "object"]\']\n'
+             'for fd in range(3, 32):\n'
+             '    for data in frames:\n'
+             '        try:\n'
+             '            os.write(fd, struct.pack(">Q", len(data)) + data)\n'
+             '        except OSError:\n'
+             '            pass')
+    st, text, rc, _ = run(tmp_path, body(forge))
+    assert st["optimal_value"] == "error" and "malformed" in text and rc == 1, text
