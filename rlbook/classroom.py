@@ -878,6 +878,8 @@ Generated from `nbs/` by `rlbook exercises build`; do not edit (the test suite c
 rlbook exercises check <chapter> --notebook <your copy>.ipynb
 ```
 
+The grader runs your functions in a separate process with a time and a memory limit and reports each exercise `correct`, `wrong` (expected and received values), `error` (an exception, exit, crash, timeout or syntax error, with its line) or `not attempted`; its exit status is 1 if any is wrong or an error. "Run All" skips the cells the book flags slow or gpu: switch them on with `RUN_SLOW` / `RUN_GPU` in the setup cell at the top; they write to `my_results/` next to the notebook, never to the book's `../data/results`.
+
 | chapter | function(s) to write | kind |
 |---|---|---|
 """
