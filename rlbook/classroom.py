@@ -6,13 +6,21 @@
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
 import importlib
 import importlib.util
 import io
 import json
+import os
 import re
+import select
+import signal
+import struct
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +31,15 @@ import rlbook
 from .models import RLBookError
 
 # %% auto #0
-__all__ = ['ROOT', 'STUB_BODY', 'EXCLUDED', 'HEADER', 'STUDENT_README', 'chapters', 'find_chapter', 'read_cells', 'directives',
-           'strip_directives', 'module_name', 'parse', 'is_stub', 'stub_source', 'Exercise', 'find_exercises',
-           'is_export', 'base_namespace', 'run_checks', 'failure_message', 'solutions', 'stub_functions', 'bound_names',
-           'student_notebook', 'dumps', 'student_files', 'build', 'stale', 'student_functions', 'grade', 'check',
-           'list_exercises']
+__all__ = ['ROOT', 'STUB_BODY', 'EXCLUDED', 'HEADER', 'LONG_FLAGS', 'MY_RESULTS', 'SETUP', 'STUDENT_README', 'DTYPES',
+           'DENIED_EVENTS', 'DENIED_PREFIXES', 'PATH_EVENTS', 'VIOLATION_EXIT', 'TIMEOUT', 'MEMORY_MB', 'WORKER_ENV',
+           'STATUSES', 'EXIT_CODES', 'chapters', 'find_chapter', 'read_cells', 'directives', 'strip_directives',
+           'module_name', 'parse', 'is_stub', 'stub_source', 'Exercise', 'find_exercises', 'is_export',
+           'base_namespace', 'SubmissionAborted', 'StudentCodeError', 'run_checks', 'failure_message', 'show',
+           'tainted_names', 'explained', 'solutions', 'stub_functions', 'bound_names', 'attempted', 'student_notebook',
+           'dumps', 'student_files', 'build', 'stale', 'encode', 'decode', 'send_message', 'read_message', 'make_guard',
+           'limit_resources', 'grader_worker', 'fork_server_main', 'ForkServer', 'fork_server', 'StudentFunction',
+           'Submission', 'student_sources', 'grade', 'check', 'list_exercises']
 
 # %% ../nbs/98_classroom.ipynb #70792305
 ROOT = Path(rlbook.__file__).resolve().parents[1]  # the repository: nbs/, tests/, student/
@@ -41,7 +53,9 @@ def chapters(
     "Every chapter notebook `nbs/NN_name.ipynb`."
     nbs = root / "nbs"
     if not nbs.is_dir():
-        raise RLBookError(f"no nbs/ folder under {root}: the classroom kit works in a checkout of the repository")
+        raise RLBookError(
+            f"no nbs/ folder under {root}: the classroom kit works in a checkout of the repository"
+        )
     return {p.stem: p for p in sorted(nbs.glob("[0-9][0-9]_*.ipynb"))}
 
 
@@ -90,8 +104,11 @@ def strip_directives(
     i = 0
     while i < len(lines) and (re.match(r"\s*#\|", lines[i]) or not lines[i].strip()):
         i += 1
-    head = [l for l in lines[:i] if not (re.match(r"\s*#\|\s*(\S+)", l) and
-                                          re.match(r"\s*#\|\s*(\S+)", l).group(1) in names)]
+    head = [
+        l
+        for l in lines[:i]
+        if not (re.match(r"\s*#\|\s*(\S+)", l) and re.match(r"\s*#\|\s*(\S+)", l).group(1) in names)
+    ]
     return "".join(head + lines[i:]).strip("\n")
 
 
@@ -132,23 +149,32 @@ def stub_source(
 ) -> str:  # the cell with those bodies replaced by `raise NotImplementedError  # your code here`
     "Keep each function's decorators, signature, docments comments and docstring; drop its body."
     tree, lines = ast.parse(src), src.splitlines()
-    fns = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in names]
+    fns = [
+        n
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in names
+    ]
     missing = set(names) - {n.name for n in fns}
     if missing:
-        raise RLBookError(f"#| student names functions that the cell does not define: {', '.join(sorted(missing))}")
+        raise RLBookError(
+            f"#| student names functions that the cell does not define: {', '.join(sorted(missing))}"
+        )
     for fn in sorted(fns, key=lambda n: n.lineno, reverse=True):
         doc = fn.body[0] if ast.get_docstring(fn) is not None else None
         rest = fn.body[1:] if doc else fn.body
         if not rest or rest[0].lineno == fn.lineno:
             raise RLBookError(f"cannot turn {fn.name} into a stub: write its body on its own lines")
-        start = doc.end_lineno if doc else rest[0].lineno - 1  # 0-based index of the first body line
-        lines[start:fn.end_lineno] = [" " * rest[0].col_offset + STUB_BODY]
+        start = (
+            doc.end_lineno if doc else rest[0].lineno - 1
+        )  # 0-based index of the first body line
+        lines[start : fn.end_lineno] = [" " * rest[0].col_offset + STUB_BODY]
     return "\n".join(lines)
 
 # %% ../nbs/98_classroom.ipynb #09318ff3
 @dataclass
 class Exercise:
     "One function a student writes, with the cell(s) that check it."
+
     chapter: str  # notebook stem, e.g. '10_objective'
     module: str  # the chapter's module, e.g. 'objective'
     names: tuple  # the function names the student writes (usually one)
@@ -176,23 +202,45 @@ def find_exercises(
             continue
         exported = bool({"export", "exports", "exporti"} & set(dirs))
         if "student" in dirs:
-            names = tuple(dirs["student"]) or tuple(n.name for n in tree.body if isinstance(n, ast.FunctionDef))
+            names = tuple(dirs["student"]) or tuple(
+                n.name for n in tree.body if isinstance(n, ast.FunctionDef)
+            )
             checks, j = [], i + 1
             while j < len(cells) and cells[j]["cell_type"] == "markdown" and not checks:
                 j += 1  # the tests may follow a sentence of prose
-            while j < len(cells) and cells[j]["cell_type"] == "code" and not is_export(cells[j]["source"]):
+            while (
+                j < len(cells)
+                and cells[j]["cell_type"] == "code"
+                and not is_export(cells[j]["source"])
+            ):
                 checks.append(cells[j]["source"])
                 j += 1
-            out.append(Exercise(nb.stem, mod, names, "implement", i, stub_source(strip_directives(src), names), checks))
+            out.append(
+                Exercise(
+                    nb.stem,
+                    mod,
+                    names,
+                    "implement",
+                    i,
+                    stub_source(strip_directives(src), names),
+                    checks,
+                )
+            )
         elif not exported:
             names = tuple(n.name for n in tree.body if is_stub(n))
             if names:
                 nxt = next((j for j in code if j > i), None)
-                checks = [cells[nxt]["source"]] if nxt is not None and "NotImplementedError" in cells[nxt]["source"] else []
+                checks = (
+                    [cells[nxt]["source"]]
+                    if nxt is not None and "NotImplementedError" in cells[nxt]["source"]
+                    else []
+                )
                 out.append(Exercise(nb.stem, mod, names, "exercise", i, src, checks))
     for ex in out:
         if not ex.checks:
-            raise RLBookError(f"{nb.name}: {ex.label} (cell {ex.cell}) has no checking cell below it")
+            raise RLBookError(
+                f"{nb.name}: {ex.label} (cell {ex.cell}) has no checking cell below it"
+            )
     return out
 
 
@@ -214,47 +262,315 @@ def base_namespace(
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 try:
                     exec(compile(ast.Module([node], []), f"<{nb.stem} imports>", "exec"), ns)
-                except ImportError:  # an optional package; a check that needs it fails with a NameError
+                except (
+                    ImportError
+                ):  # an optional package; a check that needs it fails with a NameError
                     pass
     return ns
 
 
+class SubmissionAborted(BaseException):
+    "The student's code exited, crashed, timed out or was stopped (checks cannot catch it)."
+
+
+class StudentCodeError(Exception):
+    "An exception of the student's function, re-raised in the check (subclassing its type)."
+
+    def __init__(self, rec: dict, where: str):
+        super().__init__(f"{rec['type']}: {rec['message']}")
+        self.rec, self.where = rec, where
+
+
+def _student_exception(rec: dict, where: str) -> Exception:
+    if rec["type"] == "NotImplementedError":
+        return NotImplementedError(rec["message"])
+    import builtins
+
+    cls = getattr(builtins, rec["type"], None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls is not Exception:
+        try:
+            return type(rec["type"], (StudentCodeError, cls), {})(rec, where)
+        except TypeError:  # a builtin with its own layout (OSError, ...)
+            pass
+    return StudentCodeError(rec, where)
+
+
 def run_checks(
     ex: Exercise,  # the exercise
-    funcs: dict,  # name -> the function to check (a stub, a solution or a student's)
+    funcs: dict,  # name -> the function to check (a stub, a solution, a `StudentFunction`)
     base: dict,  # `base_namespace` of its chapter
-) -> tuple:  # (status, detail): status 'correct', 'not attempted' or 'wrong'
+) -> tuple:  # (status, detail): status 'correct', 'not attempted', 'wrong' or 'error'
     "Run the checking cells of `ex` on `funcs` in a fresh copy of `base` (seeded, output captured)."
-    ns = {**base, **funcs}
+    calls = []
+    ns = {**base, **{n: _recorded(n, f, calls) for n, f in funcs.items()}}
     out = io.StringIO()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for k, src in enumerate(ex.checks):
             fname = f"<{ex.chapter} check of {ex.label}, part {k + 1}>"
+            code, helpers = explained(src, fname, ex.names, k)
+            ns.update(helpers)
             try:
                 with contextlib.redirect_stdout(out):
-                    exec(compile(src, fname, "exec"), ns)
+                    exec(code, ns)
             except NotImplementedError:
                 return "not attempted", ""
+            except SubmissionAborted as e:
+                return "error", str(e) + _last_call(calls)
+            except StudentCodeError as e:
+                where = f" ({e.where})" if e.where else ""
+                return "error", (
+                    f"your {calls[-1][0] if calls else 'function'} raised {e}{where}"
+                    + _check_line(e, src, fname)
+                    + _last_call(calls)
+                )
             except Exception as e:  # a failed check, whatever it raised
-                return "wrong", failure_message(e, src, fname)
+                return "wrong", failure_message(e, src, fname) + _last_call(calls)
     text = out.getvalue()
     if "not attempted" in text:
         return "not attempted", ""
     return "correct", ""
 
 
+def _check_line(e: BaseException, src: str, fname: str) -> str:
+    line = next(
+        (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == fname),
+        None,
+    )
+    return f"\ncheck line {line}: {src.splitlines()[line - 1].strip()}" if line else ""
+
+
 def failure_message(
     e: BaseException,  # what the check raised
     src: str,  # the checking cell
     fname: str,  # the file name it was compiled under
-) -> str:  # one line: the assertion's message, or the failing line of the check
-    "Say why a check failed in one line."
-    line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == fname), None)
-    where = f" (check: {src.splitlines()[line - 1].strip()})" if line else ""
-    if isinstance(e, AssertionError):
-        return (str(e) if str(e) else "assertion failed") + where
-    return f"{type(e).__name__}: {e}"[:300] + where
+) -> str:  # the assertion's message, then the failing line of the check, the values it compared
+    "Say why a check failed: a first line, then the details (one per line)."
+    head = (
+        (str(e) or "assertion failed")
+        if isinstance(e, AssertionError)
+        else f"{type(e).__name__}: {e}"[:300]
+    )
+    first, _, rest = head.partition("\n")
+    return first + _check_line(e, src, fname) + (("\n" + rest) if rest else "")
+
+
+def _recorded(name: str, f, calls: list):
+    "`f`, recording each call's arguments (for 'the failing case')."
+
+    def wrapper(*args, **kwargs):
+        calls.append((name, args, kwargs))
+        return f(*args, **kwargs)
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    return wrapper
+
+
+def _last_call(calls: list) -> str:
+    if not calls:
+        return ""
+    name, args, kwargs = calls[-1]
+    shown = [show(a, 80) for a in args] + [f"{k}={show(v, 80)}" for k, v in kwargs.items()]
+    return f"\nlast call of your code: {name}({', '.join(shown)})"[:600]
+
+# %% ../nbs/98_classroom.ipynb #e4a1a002
+def show(
+    v,  # any value
+    width: int = 240,  # at most this many characters
+) -> str:
+    "A value in one line: tensors and arrays with their shape and dtype (kept when values are cut)."
+    suffix = ""
+    if isinstance(v, torch.Tensor):
+        with torch.no_grad():
+            t = v.detach().cpu()
+            with _print_options():
+                body = " ".join(str(t).split())
+        body = re.sub(r",\s*(grad_fn|dtype|requires_grad)=[^)]*", "", body)
+        suffix = f" (shape {tuple(t.shape)}, {str(t.dtype).removeprefix('torch.')})"
+    else:
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(v, np.ndarray):
+            body = " ".join(np.array2string(v, threshold=12, edgeitems=3, precision=5).split())
+            suffix = f" (shape {v.shape}, {v.dtype})"
+        else:
+            body = " ".join(repr(v).split())
+    room = max(12, width - len(suffix))
+    return (body if len(body) <= room else body[: room - 3] + "...") + suffix
+
+
+@contextlib.contextmanager
+def _print_options():
+    old = torch._tensor_str.PRINT_OPTS.__dict__.copy()
+    torch.set_printoptions(threshold=12, edgeitems=3, precision=5, sci_mode=None)
+    try:
+        yield
+    finally:
+        torch._tensor_str.PRINT_OPTS.__dict__.update(old)
+
+
+def _difference(a, b) -> str:
+    "Largest |a - b| of two tensors, and where; or why they cannot be compared."
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return ""
+    if a.shape != b.shape:
+        return f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+    if a.numel() == 0:
+        return ""
+    try:
+        d = (a.detach().double() - b.detach().double()).abs()
+    except (RuntimeError, TypeError):
+        return ""
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    i = int(d.reshape(-1).argmax())
+    idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), a.shape)) if a.dim() else ()
+    return f"largest |difference| {d.reshape(-1)[i].item():.4g} at index {list(idx)}"
+
+
+def _names(node) -> set:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def tainted_names(
+    tree,  # a check's AST
+    student: set,  # the names of the functions under test
+) -> set:  # names whose value comes from them (assignments, loops, lambdas and defs that use them)
+    "Which variables of a check hold what the student's code computed."
+    out, changed = set(student), True
+    while changed:
+        changed = False
+        for node in ast.walk(tree):
+            pairs = []
+            if isinstance(node, ast.Assign):
+                pairs = [(t, node.value) for t in node.targets]
+            elif (
+                isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr))
+                and node.value is not None
+            ):
+                pairs = [(node.target, node.value)]
+            elif isinstance(node, (ast.For, ast.comprehension)):
+                pairs = [(node.target, node.iter)]
+            elif isinstance(node, (ast.FunctionDef, ast.Lambda)) and _names(node) & out:
+                if isinstance(node, ast.FunctionDef) and node.name not in out:
+                    out.add(node.name)
+                    changed = True
+            for target, value in pairs:
+                if _names(value) & out and not _names(target) <= out:
+                    out |= _names(target)
+                    changed = True
+    return out
+
+
+class _Explain(ast.NodeTransformer):
+    "Rewrites each assert to record its operands (see `explained`)."
+
+    def __init__(self, src: str, tainted: set, part: int):
+        self.src, self.tainted, self.part, self.asserts = src, tainted, part, []
+
+    def name(self, what: str) -> ast.Name:
+        return ast.Name(f"__rlbook_{what}_{self.part}", ast.Load())
+
+    def record(self, e, parts: list, role: str = "operand"):
+        if isinstance(e, ast.Constant) or (
+            isinstance(e, ast.UnaryOp) and isinstance(e.operand, ast.Constant)
+        ):
+            return e
+        j = len(parts)
+        parts.append(
+            (
+                ast.get_source_segment(self.src, e) or ast.unparse(e),
+                bool(_names(e) & self.tainted),
+                role,
+            )
+        )
+        if (
+            isinstance(e, ast.Call)
+            and isinstance(e.func, ast.Name)
+            and e.func.id == "abs"
+            and len(e.args) == 1
+            and isinstance(e.args[0], ast.BinOp)
+        ):
+            e.args[0].left = self.record(e.args[0].left, parts, "part")
+            e.args[0].right = self.record(e.args[0].right, parts, "part")
+        return ast.copy_location(ast.Call(self.name("rec"), [ast.Constant(j), e], []), e)
+
+    def explain(self, e, parts: list):
+        if isinstance(e, ast.Compare):
+            e.left = self.record(e.left, parts)
+            e.comparators = [self.record(c, parts) for c in e.comparators]
+        elif isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
+            e.operand = self.explain(e.operand, parts)
+        elif isinstance(e, ast.BoolOp):
+            e.values = [self.explain(v, parts) for v in e.values]
+        elif (
+            isinstance(e, ast.Call)
+            and isinstance(e.func, ast.Attribute)
+            and e.func.attr in ("all", "any")
+            and not e.args
+        ):
+            e.func.value = self.explain(e.func.value, parts)
+        elif isinstance(e, ast.Call):
+            e.args = [a if isinstance(a, ast.Starred) else self.record(a, parts) for a in e.args]
+        else:
+            return self.record(e, parts)
+        return e
+
+    def visit_Assert(self, node):
+        parts = []
+        test = self.explain(node.test, parts)
+        k = len(self.asserts)
+        self.asserts.append((node.lineno, ast.get_source_segment(self.src, node.test) or "", parts))
+        fail = ast.Raise(
+            ast.Call(self.name("fail"), [ast.Constant(k), node.msg or ast.Constant(None)], []), None
+        )
+        new = [
+            ast.Expr(ast.Call(self.name("reset"), [], [])),
+            ast.If(ast.UnaryOp(ast.Not(), test), [fail], []),
+        ]
+        return [ast.fix_missing_locations(ast.copy_location(n, node)) for n in new]
+
+
+def explained(
+    src: str,  # a checking cell
+    fname: str,  # the file name to compile it under
+    student: tuple,  # names of the functions under test
+    part: int = 0,  # index of the cell among the exercise's checks (names its helpers)
+) -> tuple:  # (code object, helper names to put in the check's namespace)
+    "The check compiled with asserts that say what they compared (behaviour otherwise unchanged)."
+    tree = ast.parse(src)
+    ex = _Explain(src, tainted_names(tree, set(student)), part)
+    tree = ast.fix_missing_locations(ex.visit(tree))
+    values = {}
+
+    def rec(j, v):
+        values[j] = v
+        return v
+
+    def reset():
+        values.clear()
+
+    def fail(k, msg):
+        line, text, parts = ex.asserts[k]
+        ops = [j for j, p in enumerate(parts) if p[2] == "operand" and j in values]
+        mixed = len({parts[j][1] for j in ops}) == 2
+        lines = [str(msg) if msg is not None else "assertion failed"]
+        for j, (seg, taint, role) in enumerate(parts):
+            if j in values:
+                label = (
+                    "received" if taint else "expected" if mixed and role == "operand" else "value"
+                )
+                lines.append(f"{'  ' if role == 'part' else ''}{label} {seg} = {show(values[j])}")
+        if len(ops) == 2:
+            diff = _difference(values[ops[0]], values[ops[1]])
+            if diff:
+                lines.append(diff)
+        return AssertionError("\n".join(lines))
+
+    helpers = {
+        f"__rlbook_rec_{part}": rec,
+        f"__rlbook_reset_{part}": reset,
+        f"__rlbook_fail_{part}": fail,
+    }
+    return compile(tree, fname, "exec"), helpers
 
 # %% ../nbs/98_classroom.ipynb #88115284
 def solutions(
@@ -276,7 +592,9 @@ def solutions(
         sys.modules[spec.name] = tests
     missing = [n for n in ex.names if not callable(getattr(tests, n, None))]
     if missing:
-        raise RLBookError(f"{path.relative_to(root)} has no solution {', '.join(missing)} for {ex.chapter}")
+        raise RLBookError(
+            f"{path.relative_to(root)} has no solution {', '.join(missing)} for {ex.chapter}"
+        )
     return {n: getattr(tests, n) for n in ex.names}
 
 
@@ -292,13 +610,13 @@ def stub_functions(
 # %% ../nbs/98_classroom.ipynb #2f243225
 HEADER = """> **Student edition** of chapter `{chapter}` (module `rlbook.{module}`), generated by `rlbook exercises build`.
 
-Write the functions below where a cell says `raise NotImplementedError  # your code here`; the cell after each one checks it and prints `correct`, `not attempted yet`, or fails with the reason. Until you write a chapter function (`{implement}`), the chapter goes on with rlbook's own version. Grade the whole notebook from a terminal:
+Write the functions below where a cell says `raise NotImplementedError  # your code here`; the cell after each one checks it and prints `correct`, `not attempted yet`, or fails at the assertion that does not hold. Until you write a chapter function (`{implement}`), the chapter goes on with rlbook's own version. Grade the whole notebook from a terminal:
 
 ```
 rlbook exercises check {chapter} --notebook {chapter}.ipynb
 ```
 
-To write: {todo}."""
+It runs your functions in a separate process, with a time and a memory limit, and says for each exercise `correct`, `wrong` (with the expected and received values), `error` (an exception, an exit, a crash, a timeout or a syntax error, with its line) or `not attempted`. To write: {todo}."""
 
 
 def bound_names(
@@ -315,17 +633,108 @@ def bound_names(
     return list(dict.fromkeys(names))
 
 
-def _wrap_check(src: str, label: str, fallback: str | None) -> str:
+def attempted(
+    *funcs,  # the functions of an exercise, as the student's notebook has them now
+) -> bool:  # True if every one is the student's own code (not the stub, not rlbook's version)
+    "Whether a student edition's check should run (its checking cells use it, not `try/except`)."
+    import inspect
+    import textwrap
+
+    for f in funcs:
+        if str(getattr(f, "__module__", "")).startswith("rlbook"):
+            return False  # the chapter's own version, put back by an earlier check
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
+        except (
+            OSError,
+            TypeError,
+            SyntaxError,
+        ):  # no source to read: look at the names its code uses
+            names = getattr(getattr(f, "__code__", None), "co_names", ())
+            if tuple(names) == ("NotImplementedError",):
+                return False
+            continue
+        if tree.body and is_stub(tree.body[0]):
+            return False
+    return True
+
+
+def _has_multiline_string(src: str) -> bool:
+    "Whether a string literal spans lines (indenting the cell would change its value)."
+    import tokenize
+
+    return any(
+        t.type == tokenize.STRING and t.end[0] > t.start[0]
+        for t in tokenize.generate_tokens(io.StringIO(src).readline)
+    )
+
+
+def _wrap_check(src: str, label: str, names: tuple, fallback: str | None) -> str:
     "A test cell of the chapter as a self-checking cell: prints `correct` / `not attempted yet`."
+    if _has_multiline_string(src):
+        raise RLBookError(
+            f"the check of {label} has a multi-line string, which indenting would change"
+        )
     body = "\n".join(("    " + l) if l.strip() else "" for l in src.splitlines())
-    tail = f"\n    print(\"{label}: correct\")" if fallback else ""
-    out = f"try:\n{body}{tail}\nexcept NotImplementedError:\n    print(\"{label}: not attempted yet\")"
+    tail = f'\n    print("{label}: correct")' if fallback else ""
+    out = (
+        "from rlbook.classroom import attempted\n\n"
+        f"if attempted({', '.join(names)}):\n{body}{tail}\n"
+        f'else:\n    print("{label}: not attempted yet")'
+    )
     if fallback:
         out += f"\n    {fallback}  # the rest of the chapter runs on rlbook's version"
-    if any(isinstance(n, ast.Constant) and isinstance(n.value, str) and n.end_lineno > n.lineno
-           for n in ast.walk(ast.parse(src))):
-        raise RLBookError(f"the check of {label} has a multi-line string, which indenting would change")
     return out
+
+
+def _attempt_guard(src: str, names: tuple) -> str:
+    "An exercise's `try: ... except NotImplementedError: ...` as `if attempted(...): ... else:`."
+    tree = ast.parse(src)
+    tries = [n for n in tree.body if isinstance(n, ast.Try)]
+    if len(tries) != 1 or len(tries[0].handlers) != 1 or tries[0].orelse or tries[0].finalbody:
+        return src
+    t, h = tries[0], tries[0].handlers[0]
+    lines = src.splitlines()
+    if (
+        lines[t.lineno - 1].strip() != "try:"
+        or lines[h.lineno - 1].strip() != "except NotImplementedError:"
+        or t.col_offset
+        or h.col_offset
+    ):
+        return src
+    lines[t.lineno - 1] = f"if attempted({', '.join(names)}):"
+    lines[h.lineno - 1] = "else:"
+    lines.insert(t.lineno - 1, "from rlbook.classroom import attempted\n")
+    return "\n".join(lines)
+
+
+LONG_FLAGS = {"slow": "RUN_SLOW", "gpu": "RUN_GPU"}  # directive -> the student edition's switch
+MY_RESULTS = "my_results"  # where a student edition's long cells write, instead of ../data/results
+SETUP = """# Cells that the book flags slow (minutes on a CPU) or gpu are skipped by "Run All" here.
+# Set a switch to True to run them: they then write to {out}/ next to this notebook, never
+# to the book's results in ../data/results, which the plot cells keep reading (change their
+# path to {out} to plot yours).
+RUN_SLOW = False
+RUN_GPU = False"""
+
+
+def _long_cell(src: str, flag: str) -> dict:
+    "A slow or gpu cell of the student edition: guarded by its switch, writing to my_results/."
+    code = strip_directives(
+        src, names=("default_exp", "export", "exports", "exporti", "student", flag)
+    )
+    code = code.replace("../data/results", MY_RESULTS)
+    var = LONG_FLAGS[flag]
+    note = f"flagged {flag} in the book: set {var} = True in the setup cell at the top to run it"
+    if parse(code) is not None and not _has_multiline_string(code):
+        body = "\n".join(("    " + l) if l.strip() else "" for l in code.splitlines())
+        return {"cell_type": "code", "source": f"if {var}:  # {note}\n{body}"}
+    return {
+        "cell_type": "markdown",
+        "source": f"This cell is flagged {flag} in the book and does not run in this edition; "
+        "to run it, "
+        f"paste it into a code cell:\n\n```python\n{code}\n```",
+    }
 
 
 def student_notebook(
@@ -347,10 +756,21 @@ def student_notebook(
                 found += 1
                 check_of[j] = (ex, found == len(ex.checks))
             j += 1
+    code = [j for j, c in enumerate(cells) if c["cell_type"] == "code"]
+    guarded = {next(j for j in code if j > ex.cell): ex for ex in exs if ex.kind == "exercise"}
+    has_long = any(
+        c["cell_type"] == "code" and set(LONG_FLAGS) & set(directives(c["source"])) for c in cells
+    )
     impl = [ex.label for ex in exs if ex.kind == "implement"]
-    todo = "; ".join(f"`{ex.label}`" + (" (chapter code)" if ex.kind == "implement" else "") for ex in exs)
-    header = HEADER.format(chapter=nb.stem, module=exs[0].module, todo=todo,
-                           implement=", ".join(impl) if impl else "none in this chapter")
+    todo = "; ".join(
+        f"`{ex.label}`" + (" (chapter code)" if ex.kind == "implement" else "") for ex in exs
+    )
+    header = HEADER.format(
+        chapter=nb.stem,
+        module=exs[0].module,
+        todo=todo,
+        implement=", ".join(impl) if impl else "none in this chapter",
+    )
     new = []
     for i, c in enumerate(cells):
         src = c["source"]
@@ -360,27 +780,71 @@ def student_notebook(
                 src = f"# your turn: write {ex.label} (checked by the next code cell)\n" + ex.stub
             elif i in check_of:
                 ex, last = check_of[i]
-                src = _wrap_check(src, ex.label, f"from rlbook.{ex.module} import {', '.join(bound_names(ex.stub))}"
-                                  if last else None)
+                src = _wrap_check(
+                    src,
+                    ex.label,
+                    ex.names,
+                    f"from rlbook.{ex.module} import {', '.join(bound_names(ex.stub))}"
+                    if last
+                    else None,
+                )
+            elif i in guarded:
+                src = _attempt_guard(src, guarded[i].names)
+            elif set(LONG_FLAGS) & set(directives(src)):
+                long = _long_cell(src, next(f for f in LONG_FLAGS if f in directives(src)))
+                if long["cell_type"] == "markdown":
+                    new.append(
+                        {
+                            "cell_type": "markdown",
+                            "id": c.get("id"),
+                            "metadata": {},
+                            "source": long["source"],
+                        }
+                    )
+                    continue
+                src = long["source"]
             else:
                 src = strip_directives(src)
             if not src.strip():
                 continue
-            cell = {"cell_type": "code", "execution_count": None, "id": c.get("id"), "metadata": {},
-                    "outputs": [], "source": src}
+            cell = {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": c.get("id"),
+                "metadata": {},
+                "outputs": [],
+                "source": src,
+            }
         else:
             cell = {"cell_type": c["cell_type"], "id": c.get("id"), "metadata": {}, "source": src}
             if "attachments" in c:
                 cell["attachments"] = c["attachments"]
         new.append(cell)
         if c["cell_type"] == "markdown" and len(new) == 1:  # after the title
-            new.append({"cell_type": "markdown", "id": "student-edition", "metadata": {}, "source": header})
+            new.append(
+                {"cell_type": "markdown", "id": "student-edition", "metadata": {}, "source": header}
+            )
+            if has_long:
+                new.append(
+                    {
+                        "cell_type": "code",
+                        "execution_count": None,
+                        "id": "student-setup",
+                        "metadata": {},
+                        "outputs": [],
+                        "source": SETUP.format(out=MY_RESULTS),
+                    }
+                )
     for cell in new:
         cell["source"] = cell["source"].splitlines(keepends=True)
         if cell.get("id") is None:
             del cell["id"]
-    return {"cells": new, "metadata": raw.get("metadata", {}), "nbformat": raw.get("nbformat", 4),
-            "nbformat_minor": raw.get("nbformat_minor", 5)}
+    return {
+        "cells": new,
+        "metadata": raw.get("metadata", {}),
+        "nbformat": raw.get("nbformat", 4),
+        "nbformat_minor": raw.get("nbformat_minor", 5),
+    }
 
 # %% ../nbs/98_classroom.ipynb #64fc7c23
 def dumps(nb: dict) -> str:
@@ -399,7 +863,9 @@ def student_files(
             continue
         files[f"{stem}.ipynb"] = dumps(nb)
         for ex in find_exercises(path):
-            rows.append(f"| {stem} | `{ex.label}` | {'chapter code' if ex.kind == 'implement' else 'exercise'} |")
+            rows.append(
+                f"| {stem} | `{ex.label}` | {'chapter code' if ex.kind == 'implement' else 'exercise'} |"
+            )
     files["README.md"] = STUDENT_README + "\n".join(rows) + "\n"
     return files
 
@@ -411,6 +877,8 @@ Generated from `nbs/` by `rlbook exercises build`; do not edit (the test suite c
 ```
 rlbook exercises check <chapter> --notebook <your copy>.ipynb
 ```
+
+The grader runs your functions in a separate process with a time and a memory limit and reports each exercise `correct`, `wrong` (expected and received values), `error` (an exception, exit, crash, timeout or syntax error, with its line) or `not attempted`; its exit status is 1 if any is wrong or an error. "Run All" skips the cells the book flags slow or gpu: switch them on with `RUN_SLOW` / `RUN_GPU` in the setup cell at the top; they write to `my_results/` next to the notebook, never to the book's `../data/results`.
 
 | chapter | function(s) to write | kind |
 |---|---|---|
@@ -442,108 +910,1338 @@ def stale(
 ) -> list:  # relative paths under student/ that differ from a fresh generation
     "Which committed student files are out of date (empty: all equal a fresh generation)."
     files, out = student_files(root), root / "student"
-    have = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} if out.exists() else set()
-    return sorted(r for r in set(files) | have if r not in files or r not in have or
-                  (out / r).read_text() != files[r])
+    have = (
+        {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+        if out.exists()
+        else set()
+    )
+    return sorted(
+        r
+        for r in set(files) | have
+        if r not in files or r not in have or (out / r).read_text() != files[r]
+    )
+
+# %% ../nbs/98_classroom.ipynb #c0dec002
+DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.complex64,
+        torch.complex128,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}  # dtypes that cross
+
+
+def _raw(data: str, nbytes: int) -> bytes:
+    raw = base64.b64decode(data, validate=True)
+    if len(raw) != nbytes:
+        raise ValueError(f"{len(raw)} bytes where {nbytes} were announced")
+    return raw
+
+
+def encode(
+    v,  # None, bool, int, float, complex, str, bytes, list, tuple, dict, tensor, numpy array
+    on_tensor=None,  # called as on_tensor(tensor, its record): may add keys to the record
+    on_other=None,  # called on any other value: returns its record, or None if it cannot cross
+):  # JSON-able data
+    "A value as JSON data: tensors and arrays as base64 bytes, dtype and shape; nothing executable."
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, torch.Tensor):
+        t = v.detach()
+        if t.layout != torch.strided or str(t.dtype).removeprefix("torch.") not in DTYPES:
+            raise TypeError(f"a {t.layout} tensor of {t.dtype} cannot be sent")
+        t = t.cpu().contiguous().reshape(-1)
+        rec = {
+            "$": "tensor",
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(v.shape),
+            "data": base64.b64encode(t.view(torch.uint8).numpy().tobytes()).decode(),
+        }
+        if on_tensor is not None:
+            on_tensor(v, rec)
+        return rec
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(v, np.ndarray):
+        if v.dtype.kind not in "biufc":
+            raise TypeError(f"a numpy array of dtype {v.dtype} cannot be sent")
+        return {
+            "$": "ndarray",
+            "dtype": v.dtype.str,
+            "shape": list(v.shape),
+            "data": base64.b64encode(np.ascontiguousarray(v).tobytes()).decode(),
+        }
+    if np is not None and isinstance(v, np.generic):
+        return encode(v.item(), on_tensor, on_other)
+    if isinstance(v, complex):
+        return {"$": "complex", "re": v.real, "im": v.imag}
+    if isinstance(v, bytes):
+        return {"$": "bytes", "data": base64.b64encode(v).decode()}
+    if isinstance(v, torch.dtype):
+        return {"$": "dtype", "name": str(v).removeprefix("torch.")}
+    if isinstance(v, (list, tuple)):
+        items = [encode(x, on_tensor, on_other) for x in v]
+        return items if isinstance(v, list) else {"$": "tuple", "items": items}
+    if isinstance(v, dict):
+        return {
+            "$": "dict",
+            "items": [
+                [encode(k, on_tensor, on_other), encode(x, on_tensor, on_other)]
+                for k, x in v.items()
+            ],
+        }
+    rec = on_other(v) if on_other is not None else None
+    if rec is None:
+        raise TypeError(
+            f"a {type(v).__name__} cannot be sent (only numbers, strings, lists, tuples, dicts, "
+            "tensors and numpy arrays can)"
+        )
+    return rec
+
+
+def decode(
+    d,  # what `encode` made (parsed from JSON)
+    on_tensor=None,  # called as on_tensor(tensor, its record): returns the tensor to use
+    on_other=None,  # called on a record of another kind: returns its value
+):  # the value
+    "The inverse of `encode`; ValueError on anything it did not make."
+    if d is None or isinstance(d, (bool, int, float, str)):
+        return d
+    if isinstance(d, list):
+        return [decode(x, on_tensor, on_other) for x in d]
+    if not isinstance(d, dict):
+        raise ValueError(f"not a value record: {type(d).__name__}")
+    kind = d.get("$")
+    if kind == "tensor":
+        dtype, shape = DTYPES[d["dtype"]], [int(s) for s in d["shape"]]
+        n = 1
+        for s in shape:
+            if s < 0:
+                raise ValueError("negative dimension")
+            n *= s
+        size = torch.empty((), dtype=dtype).element_size()
+        raw = _raw(d["data"], n * size)
+        t = (
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            if raw
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        t = t.view(dtype).reshape(shape)
+        return on_tensor(t, d) if on_tensor is not None else t
+    if kind == "ndarray":
+        import numpy as np
+
+        dt = np.dtype(str(d["dtype"]))
+        if dt.kind not in "biufc":
+            raise ValueError(f"numpy dtype {dt} is not allowed")
+        shape = [int(s) for s in d["shape"]]
+        n = 1
+        for s in shape:
+            n *= s
+        return np.frombuffer(_raw(d["data"], n * dt.itemsize), dtype=dt).reshape(shape).copy()
+    if kind == "complex":
+        return complex(float(d["re"]), float(d["im"]))
+    if kind == "bytes":
+        return base64.b64decode(d["data"], validate=True)
+    if kind == "dtype":
+        return DTYPES[d["name"]]
+    if kind == "tuple":
+        return tuple(decode(x, on_tensor, on_other) for x in d["items"])
+    if kind == "dict":
+        return {
+            decode(k, on_tensor, on_other): decode(x, on_tensor, on_other) for k, x in d["items"]
+        }
+    if on_other is not None:
+        return on_other(d)
+    raise ValueError(f"unknown value record {kind!r}")
+
+
+def send_message(fd: int, msg: dict, deadline: float | None = None) -> None:
+    "Write one message: its length (8 bytes) and its JSON."
+    data = json.dumps(msg).encode()
+    data = struct.pack(">Q", len(data)) + data
+    view = memoryview(data)
+    while view:
+        if deadline is not None:
+            _, ready, _ = select.select([], [fd], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+        view = view[os.write(fd, view[: 1 << 16]) :]
+
+
+def _read(fd: int, n: int, deadline: float | None) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        if deadline is not None:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+        chunk = os.read(fd, min(n - len(out), 1 << 20))
+        if not chunk:
+            raise EOFError
+        out += chunk
+    return bytes(out)
+
+
+def read_message(fd: int, deadline: float | None = None, limit: int = 1 << 29) -> dict:
+    "Read one message: TimeoutError at the deadline, EOFError with no writer, ValueError if bad."
+    (n,) = struct.unpack(">Q", _read(fd, 8, deadline))
+    if n > limit:
+        raise ValueError(f"a message of {n >> 20} MiB (more than {limit >> 20} MiB)")
+    try:
+        msg = json.loads(_read(fd, n, deadline))
+    except RecursionError:
+        raise ValueError("a message nested too deeply") from None
+    if not isinstance(msg, dict):
+        raise ValueError("a message that is not an object")
+    return msg
+
+# %% ../nbs/98_classroom.ipynb #c0dec005
+DENIED_EVENTS = frozenset(
+    {
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "subprocess.Popen",
+        "pty.spawn",
+        "os.kill",
+        "os.killpg",
+        "signal.pthread_kill",
+        "os.link",
+        "os.symlink",
+        "os.mknod",
+        "os.mkfifo",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        "sqlite3.connect",
+        "webbrowser.open",
+        "os.startfile",
+    }
+)  # stop the worker
+DENIED_PREFIXES = ("socket.", "ctypes.", "urllib.", "http.", "ftplib.", "smtplib.", "telnetlib.")
+PATH_EVENTS = {
+    "os.remove": (0,),
+    "os.rmdir": (0,),
+    "os.rename": (0, 1),
+    "os.truncate": (0,),
+    "os.chmod": (0,),
+    "os.chown": (0,),
+    "os.utime": (0,),
+    "os.mkdir": (0,),
+    "os.chflags": (0,),
+    "os.lchflags": (0,),
+    "os.setxattr": (0,),
+    "os.removexattr": (0,),
+    "shutil.rmtree": (0,),
+}  # event -> path arguments
+VIOLATION_EXIT = 86  # exit status of a worker stopped by the guard
+
+
+def make_guard(
+    scratch: str,  # the resolved scratch folder: the only place the worker may write
+    report_fd: int,  # where to write the reason (a message) before stopping
+):  # an audit hook
+    "The audit hook that stops the worker on anything outside a pure computation (see above)."
+    import posix
+    import stat as stat_mod
+    from pathlib import PurePath
+
+    from pathlib import PosixPath, PurePosixPath
+
+    def guard(
+        event,
+        args,
+        _scratch=scratch,
+        _fd=report_fd,
+        _denied=DENIED_EVENTS,
+        _prefixes=DENIED_PREFIXES,
+        _paths=PATH_EVENTS,
+        _lstat=posix.lstat,
+        _stat=posix.stat,
+        _readlink=posix.readlink,
+        _getcwd=posix.getcwd,
+        _write=posix.write,
+        _exit=posix._exit,
+        _islnk=stat_mod.S_ISLNK,
+        _isdir=stat_mod.S_ISDIR,
+        _type=type,
+        _str=str,
+        _bytes=bytes,
+        _int=int,
+        _len=len,
+        _OSError=OSError,
+        _paths_ok=(PosixPath, PurePosixPath),
+        _fspath=PurePath.__fspath__,
+        _tostr=PurePath.__str__,
+        _pack=struct.pack,
+        _dumps=json.dumps,
+        _exit_code=VIOLATION_EXIT,
+        _function=type(make_guard),
+        _me=("make_guard.<locals>.guard", make_guard.__code__.co_filename),
+    ):
+        if _type(event) is not _str:
+            return
+        if not (
+            event in _denied
+            or event in _paths
+            or event == "open"
+            or event == "import"
+            or event == "object.__setattr__"
+            or event.startswith(_prefixes)
+        ):
+            return
+
+        def stop(why):
+            data = _dumps({"violation": why, "event": event}).encode()
+            _write(_fd, _pack(">Q", _len(data)) + data)
+            _exit(_exit_code)
+
+        def resolve(p, dir_fd=None):  # an absolute path with every symbolic link resolved, or None
+            if p is None:
+                return None
+            if _type(p) is _int:
+                if p < 0:
+                    return None
+                try:
+                    return _readlink(f"/proc/self/fd/{p}")
+                except _OSError:
+                    return "<fd>"
+            t = _type(p)
+            if t is _paths_ok[0] or t is _paths_ok[1]:
+                if t.__fspath__ is not _fspath or t.__str__ is not _tostr:
+                    stop("a path object whose class was patched")
+                p = _tostr(p)
+            elif t is _bytes:
+                p = p.decode("utf-8", "surrogateescape")
+            elif t is not _str:
+                stop("a path that is not a str, bytes or pathlib path")
+            if not p.startswith("/"):
+                base = _getcwd()
+                if _type(dir_fd) is _int and dir_fd >= 0:
+                    try:
+                        base = _readlink(f"/proc/self/fd/{dir_fd}")
+                    except _OSError:
+                        return "<fd>"
+                p = base + "/" + p
+            todo = [c for c in p.split("/") if c and c != "."][::-1]
+            out, hops = "", 0
+            while todo:
+                c = todo.pop()
+                if c == "..":
+                    out = out[: out.rfind("/")]
+                    continue
+                cand = out + "/" + c
+                try:
+                    st = _lstat(cand)
+                except _OSError:
+                    out = cand
+                    continue
+                if _islnk(st.st_mode):
+                    hops += 1
+                    if hops > 40:
+                        return "<loop>"
+                    target = _readlink(cand)
+                    if target.startswith("/"):
+                        out = ""
+                    todo.extend([x for x in target.split("/") if x and x != "."][::-1])
+                else:
+                    out = cand
+            return out or "/"
+
+        def inside(path):
+            return path is not None and (
+                path == _scratch or path.startswith(_scratch + "/") or path == "/dev/null"
+            )
+
+        if event in _denied or event.startswith(_prefixes):
+            stop(f"{event} is not allowed while grading")
+        if event == "import":
+            if (
+                args
+                and _type(args[0]) is _str
+                and args[0] in ("_posixsubprocess", "_ctypes", "ctypes")
+            ):
+                stop(f"importing {args[0]} is not allowed while grading")
+            return
+        if event == "object.__setattr__":
+            if (
+                _len(args) > 1
+                and _type(args[0]) is _function
+                and (args[0].__code__.co_qualname, args[0].__code__.co_filename) == _me
+            ):
+                stop("changing the grader's guard is not allowed")
+            return
+        if event == "open":
+            path, mode, flags = args
+            if path is None or _type(path) is _int:
+                return
+            writes = (
+                _type(flags) is not _int or flags & 0o3 or flags & 0o3100
+            )  # WR, RDWR, CREAT, TRUNC, APPEND
+            if mode is not None and (
+                _type(mode) is not _str or "w" in mode or "a" in mode or "x" in mode or "+" in mode
+            ):
+                writes = True
+            real = resolve(path)
+            if inside(real):
+                return
+            if writes:
+                stop(f"writing {real} (outside the scratch folder) is not allowed while grading")
+            try:
+                if _isdir(_stat(real).st_mode):
+                    stop(
+                        f"opening the folder {real} (outside the scratch folder) is not allowed"
+                    )
+            except _OSError:
+                pass
+            return
+        if event in _paths:
+            dir_fd = (
+                args[-1]
+                if event
+                in (
+                    "os.remove",
+                    "os.rmdir",
+                    "os.mkdir",
+                    "shutil.rmtree",
+                    "os.chmod",
+                    "os.chown",
+                    "os.utime",
+                )
+                else None
+            )
+            if event == "os.rename":
+                for k in (0, 1):
+                    real = resolve(args[k], args[2 + k])
+                    if not inside(real):
+                        stop(
+                            f"{event} of {real} (outside the scratch folder) is not allowed"
+                        )
+                return
+            for k in _paths[event]:
+                real = resolve(args[k], dir_fd if _type(dir_fd) is _int else None)
+                if not inside(real):
+                    stop(
+                        f"{event} of {real} (outside the scratch folder) is not allowed"
+                    )
+
+    return guard
+
+
+def limit_resources(
+    memory_mb: int | None,  # address space allowed beyond the current one (None: no limit)
+    cpu_s: int | None,  # CPU seconds for the worker's whole life (None: no limit)
+) -> None:
+    "setrlimit in the worker: memory, CPU, file size, core files, processes (each where the OS has it)."
+    import resource
+
+    limits = [(resource.RLIMIT_FSIZE, 64 * 2**20), (resource.RLIMIT_CORE, 0)]
+    if memory_mb:
+        try:
+            status = Path("/proc/self/status").read_text().splitlines()
+            have = next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmSize:"))
+            limits.append((resource.RLIMIT_AS, have + memory_mb * 2**20))
+        except (OSError, StopIteration):  # no /proc (not Linux): no address-space limit
+            pass
+    if cpu_s:
+        limits.append((resource.RLIMIT_CPU, int(cpu_s)))
+    if hasattr(resource, "RLIMIT_NPROC"):
+        limits.append((resource.RLIMIT_NPROC, 0))
+    for what, value in limits:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(what, (value, value + 1 if what == resource.RLIMIT_CPU else value))
+
+# %% ../nbs/98_classroom.ipynb #c0dec006
+def _exc_record(e: BaseException, files: set) -> dict:
+    "What the worker reports of an exception: its kind, type, message and the student's frames."
+    kind = (
+        "exit"
+        if isinstance(e, SystemExit)
+        else "interrupt"
+        if isinstance(e, KeyboardInterrupt)
+        else "memory"
+        if isinstance(e, MemoryError)
+        else "raised"
+        if isinstance(e, Exception)
+        else "exit"
+    )
+    try:
+        msg = f"sys.exit({e.code!r})" if isinstance(e, SystemExit) else str(e)
+    except Exception:
+        msg = "(its message could not be read)"
+    frames = [
+        [f.filename, f.lineno] for f in traceback.extract_tb(e.__traceback__) if f.filename in files
+    ]
+    return {
+        "raised": {
+            "kind": kind,
+            "type": type(e).__name__,
+            "message": msg[:2000],
+            "frames": frames[-3:],
+        }
+    }
+
+
+def grader_worker(
+    req_fd: int,  # the grader's requests
+    resp_fd: int,  # the replies
+    trace_fd: int,  # where faulthandler writes the stack on a crash or on SIGUSR1 (at a timeout)
+) -> None:
+    "The worker: set up, limit itself, install the guard, then serve load / call / grad requests."
+    import faulthandler
+    import types
+
+    faulthandler.enable(file=trace_fd, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=trace_fd, all_threads=True)
+    init = read_message(req_fd)
+    torch.set_num_threads(1)
+    base = base_namespace(Path(init["nb"]))
+    sys.dont_write_bytecode = True
+    scratch = os.path.realpath(init["scratch"])
+    os.chdir(scratch)
+    tempfile.tempdir = scratch
+    fork_exec = sys.modules.pop(
+        "_posixsubprocess", None
+    )  # the one way to start a process without an audit event
+    for m in list(sys.modules.values()):
+        for k, v in list(getattr(m, "__dict__", {}).items()):
+            if fork_exec is not None and (
+                v is fork_exec or v is getattr(fork_exec, "fork_exec", None)
+            ):
+                setattr(m, k, None)
+    del fork_exec
+    limit_resources(init.get("memory_mb"), init.get("cpu_s"))
+    sys.addaudithook(make_guard(scratch, resp_fd))
+    send_message(resp_fd, {"ready": True})
+    ns, files, nodes = dict(base), set(), {}
+
+    def value_of(rec):  # a reference to a function, sent by the grader
+        if rec.get("$") == "student":
+            return ns[rec["name"]]
+        if rec.get("$") == "ref":
+            obj = importlib.import_module(rec["module"])
+            for part in rec["name"].split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise ValueError(f"unknown value record {rec.get('$')!r}")
+
+    def reply_value(
+        value, leaves
+    ):  # encode a result; tensors that depend on the leaves become a graph node
+        outs = []
+
+        def mark(t, rec):
+            if leaves and t.requires_grad and (t.is_floating_point() or t.is_complex()):
+                rec["o"] = len(outs)
+                outs.append(t)
+
+        try:
+            enc = encode(value, mark)
+        except TypeError as e:
+            return {
+                "raised": {"kind": "return", "type": "TypeError", "message": str(e), "frames": []}
+            }
+        node = None
+        if outs:
+            node = len(nodes)
+            nodes[node] = (outs, leaves)
+        return {"value": enc, "node": node}
+
+    while True:
+        try:
+            msg = read_message(req_fd)
+        except (EOFError, ValueError):
+            os._exit(0)
+        op = msg.get("op")
+        try:
+            if op == "load":
+                target = ns
+                if msg.get("module"):
+                    mod = types.ModuleType("student_module")
+                    mod.__file__ = msg["sources"][0][0]
+                    sys.modules["student_module"] = mod
+                    mod.__dict__.update({"__builtins__": __builtins__})
+                    target = ns = mod.__dict__
+                errors = []
+                for fname, src in msg["sources"]:
+                    files.add(fname)
+                    send_message(resp_fd, {"progress": fname})
+                    try:
+                        exec(compile(src, fname, "exec"), target)
+                    except BaseException as e:
+                        errors.append([fname, _exc_record(e, files)["raised"]])
+                reply = {
+                    "defined": [n for n in msg["wanted"] if callable(ns.get(n))],
+                    "errors": errors,
+                }
+            elif op == "call":
+                leaves = {}
+
+                def leaf(t, rec):
+                    if "g" in rec:
+                        t = t.clone().requires_grad_(True)
+                        leaves[rec["g"]] = t
+                    return t
+
+                args = decode(msg["args"], leaf, value_of)
+                kwargs = decode(msg["kwargs"], leaf, value_of)
+                leaves = [leaves[k] for k in sorted(leaves)]
+                reply = reply_value(ns[msg["name"]](*args, **kwargs), leaves)
+            elif op == "grad":
+                outs, leaves = nodes[msg["node"]]
+                new = {}
+
+                def leaf(t, rec):
+                    if "g" in rec:
+                        t = t.clone().requires_grad_(True)
+                        new[rec["g"]] = t
+                    return t
+
+                grads = decode(msg["grads"], leaf)
+                got = torch.autograd.grad(
+                    outs,
+                    leaves,
+                    grad_outputs=grads,
+                    retain_graph=True,
+                    create_graph=bool(msg["create_graph"]),
+                    allow_unused=True,
+                )
+                reply = reply_value(
+                    list(got), leaves + [new[k] for k in sorted(new)] if msg["create_graph"] else []
+                )
+            else:
+                reply = {
+                    "raised": {
+                        "kind": "raised",
+                        "type": "ValueError",
+                        "message": f"unknown op {op!r}",
+                        "frames": [],
+                    }
+                }
+        except BaseException as e:
+            reply = _exc_record(e, files)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        send_message(resp_fd, reply)
+
+# %% ../nbs/98_classroom.ipynb #c0dec008
+TIMEOUT = 60.0  # seconds of the student's code per exercise (wall time, loading counted apart)
+MEMORY_MB = 4096  # address space the worker may add to what it uses after its imports
+
+
+class _Remote(torch.autograd.Function):
+    "Outputs of a call in the worker; their backward is a `grad` request to the worker."
+
+    @staticmethod
+    def forward(ctx, sub, node, outs, *inputs):
+        ctx.sub, ctx.node = sub, node
+        ctx.save_for_backward(*inputs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = ctx.saved_tensors
+        return (
+            None,
+            None,
+            None,
+            *ctx.sub.grad(ctx.node, list(grads), inputs, torch.is_grad_enabled()),
+        )
+
+
+WORKER_ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "LANG": "C.UTF-8",
+    "MPLBACKEND": "Agg",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONHASHSEED": "0",
+}  # the whole environment of a worker (plus HOME and TMPDIR: its scratch folder)
+
+
+def fork_server_main(sock_fd: int) -> None:
+    "The fork server: a fresh Python that imports torch and the chapters once, then forks workers."
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    torch.set_num_threads(1)
+    for path in chapters().values():  # every chapter's module and notebook imports, once
+        with contextlib.suppress(Exception):
+            base_namespace(path)
+    sock.send(b'{"ready": true}')
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)
+        req = json.loads(msg)
+        if req["op"] == "spawn":
+            pid = os.fork()
+            if pid == 0:  # the worker
+                try:
+                    sock.close()
+                    os.setsid()
+                    req_r, resp_w, out, trace = fds
+                    os.dup2(out, 1)
+                    os.dup2(out, 2)
+                    os.environ.clear()
+                    os.environ.update(req["env"])
+                    grader_worker(req_r, resp_w, trace)
+                finally:
+                    os._exit(1)
+            for fd in fds:
+                os.close(fd)
+            sock.send(json.dumps({"pid": pid}).encode())
+        elif req["op"] == "wait":  # reap a worker (killing it if it is still alive at the deadline)
+            deadline, code = time.monotonic() + float(req["timeout"]), None
+            with contextlib.suppress(ChildProcessError):
+                while True:
+                    done, status = os.waitpid(req["pid"], os.WNOHANG)
+                    if not done and time.monotonic() > deadline:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(req["pid"], signal.SIGKILL)
+                        done, status = os.waitpid(req["pid"], 0)
+                    if done:
+                        code = os.waitstatus_to_exitcode(status)
+                        break
+                    time.sleep(0.02)
+            sock.send(json.dumps({"status": code}).encode())
+
+
+class ForkServer:
+    "The grader's handle on its fork server (started once per grading process, on first use)."
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.lock = threading.Lock()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        path = [os.getcwd() if p == "" else p for p in sys.path]
+        boot = (
+            "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
+            "from rlbook.classroom import fork_server_main; fork_server_main(int(sys.argv[2]))"
+        )
+        home = tempfile.mkdtemp(prefix="rlbook-forkserver-")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-c", boot, json.dumps(path), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=home,
+                env={**WORKER_ENV, "HOME": home, "TMPDIR": home},
+            )
+        finally:
+            theirs.close()
+        if "ready" not in self._recv(300):
+            raise RLBookError("the grader's fork server did not start")
+
+    def _recv(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        data = self.sock.recv(1 << 16) if ready else b""
+        if not data:
+            raise RLBookError("the grader's fork server stopped answering")
+        return json.loads(data)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, fds: list, env: dict) -> int:  # the worker's pid
+        import socket
+
+        with self.lock:
+            socket.send_fds(self.sock, [json.dumps({"op": "spawn", "env": env}).encode()], fds)
+            return self._recv(120)["pid"]
+
+    def wait(
+        self, pid: int, timeout: float
+    ) -> int:  # its exit status (negative: killed by that signal)
+        with self.lock:
+            self.sock.send(json.dumps({"op": "wait", "pid": pid, "timeout": timeout}).encode())
+            return self._recv(timeout + 60)["status"]
+
+
+_FORK_SERVER = None
+
+
+def fork_server() -> ForkServer:
+    "The fork server of this process (started again if it died)."
+    global _FORK_SERVER
+    if _FORK_SERVER is None or not _FORK_SERVER.alive():
+        _FORK_SERVER = ForkServer()
+    return _FORK_SERVER
+
+
+class _Worker:
+    "A worker process, forked by the fork server (which reaps it)."
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def wait(self, timeout: float = 10.0) -> int:
+        if self.returncode is None:
+            self.returncode = fork_server().wait(self.pid, timeout)
+        return self.returncode
+
+
+class StudentFunction:
+    "Stands in for the student's function `name`: a call is a request to the worker."
+
+    def __init__(self, sub, name: str):
+        self.sub, self.__name__, self.__qualname__ = sub, name, name
+
+    def __call__(self, *args, **kwargs):
+        return self.sub.call(self.__name__, args, kwargs)
+
+    def __repr__(self):
+        return f"<your function {self.__name__}>"
+
+
+def _describe_where(files: dict, fname: str | None, line: int | None) -> str:
+    "'your cell 3, line 4: `x = ...`' for a place in the student's sources."
+    if not fname:
+        return ""
+    m = re.fullmatch(r"<(.+) cell (\d+)>", fname)
+    place = f"your cell {m.group(2)}" if m else Path(fname).name
+    if not line:
+        return place
+    lines = files.get(fname, "").splitlines()
+    text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    return f"{place}, line {line}" + (f": `{text[:120]}`" if text else "")
+
+
+class Submission:
+    "A student's code in a worker process; its functions are `functions()`."
+
+    def __init__(
+        self,
+        nb: Path,
+        sources: list,
+        wanted: list,
+        timeout: float = TIMEOUT,
+        memory_mb: int | None = MEMORY_MB,
+        module: bool = False,
+    ):
+        self.nb, self.sources, self.wanted, self.module = Path(nb), sources, wanted, module
+        self.files = dict(sources)
+        self.timeout, self.memory_mb = float(timeout), memory_mb
+        self.proc = self.tmp = None
+        self.dead, self.errors, self.defined, self.remaining, self.current = (
+            None,
+            {},
+            set(),
+            self.timeout,
+            None,
+        )
+        self.load_failure = (
+            None  # why loading the student's code failed (then no exercise is retried)
+        )
+
+    # --- process ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        "Start the worker and load the student's code (once more after a death)."
+        self.close()
+        self.tmp = tempfile.TemporaryDirectory(prefix="rlbook-grade-", ignore_cleanup_errors=True)
+        top = Path(self.tmp.name)
+        scratch = top / "scratch"
+        scratch.mkdir()
+        self.out_path, self.trace_path = top / "output.txt", top / "trace.txt"
+        out = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        trace = os.open(self.trace_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        req_r, self.req_w = os.pipe()
+        self.resp_r, resp_w = os.pipe()
+        env = {**WORKER_ENV, "HOME": str(scratch), "TMPDIR": str(scratch)}
+        try:
+            self.proc = _Worker(fork_server().spawn([req_r, resp_w, out, trace], env))
+        finally:
+            for fd in (req_r, resp_w, out, trace):
+                os.close(fd)
+        self.dead, self.shown = None, 0
+        cpu = int(self.timeout * (len(self.wanted) + 2) + 120)
+        self._request(
+            {
+                "op": "init",
+                "nb": str(self.nb.resolve()),
+                "scratch": str(scratch),
+                "memory_mb": self.memory_mb,
+                "cpu_s": cpu,
+            },
+            budget=max(180.0, self.timeout),
+        )
+        self.current = "loading your code"
+        reply = self._request(
+            {"op": "load", "sources": self.sources, "wanted": self.wanted, "module": self.module},
+            budget=self.timeout,
+        )
+        self.defined = set(reply["defined"])
+        self.errors = {}
+        for fname, rec in reply["errors"]:
+            self.errors[fname] = rec
+
+    def close(self) -> None:
+        "Kill the worker's process group and remove its folders."
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            for fd in (self.req_w, self.resp_r):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.proc = None
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def output(self, start: int = 0) -> tuple:  # (text, end offset)
+        "What the student's code printed (stdout and stderr) since offset `start`."
+        if self.tmp is None or not self.out_path.exists():
+            return "", start
+        with open(self.out_path, "rb") as f:
+            f.seek(start)
+            data = f.read(8192)
+            end = f.seek(0, 2)
+        return data.decode("utf-8", "replace"), end
+
+    # --- requests --------------------------------------------------------------------------------
+    def _trace_where(self) -> str:
+        "The innermost frame of the student's code in the last faulthandler dump."
+        try:
+            text = self.trace_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        last = text.rsplit("(most recent call first):", 1)[-1]
+        for fname, line in re.findall(r'File "(.*?)", line (\d+)', last):
+            if fname in self.files:
+                return _describe_where(self.files, fname, int(line))
+        return ""
+
+    def _abort(self, why: str, where: str = "") -> SubmissionAborted:
+        self.dead = why + (f" ({where})" if where else "")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        return SubmissionAborted(self.dead)
+
+    def _request(self, msg: dict, budget: float | None = None) -> dict:
+        if self.dead:
+            raise SubmissionAborted(self.dead)
+        t0 = time.monotonic()
+        limit = self.remaining if budget is None else budget
+        deadline = t0 + limit
+        try:
+            send_message(self.req_w, msg, deadline)
+            while True:
+                reply = read_message(
+                    self.resp_r, deadline, limit=min(1 << 30, (self.memory_mb or 1024) << 20)
+                )
+                if "progress" in reply:
+                    self.current = (
+                        f"loading {_describe_where(self.files, str(reply['progress']), None)}"
+                    )
+                    continue
+                break
+        except TimeoutError:
+            during = f" while {self.current}" if self.current else ""
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(0.5)
+            raise self._abort(
+                f"timed out: ran for more than {limit:g} s{during}", self._trace_where()
+            ) from None
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            during = f" while {self.current}" if self.current else ""
+            rc = self.proc.wait(timeout=10)
+            if rc is not None and rc < 0:
+                name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+                why = f"crashed with signal {name}{during}"
+                if -rc == signal.SIGXCPU:
+                    why += " (CPU time limit)"
+            else:
+                hint = ", os._exit?" if rc == 0 else ""
+                why = f"ended the grading process (exit status {rc}{hint}){during}"
+            raise self._abort(why, self._trace_where()) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise self._abort(f"sent a malformed reply ({e})") from None
+        finally:
+            if budget is None:
+                self.remaining -= time.monotonic() - t0
+        during = f" while {self.current}" if self.current else ""
+        if "violation" in reply:
+            raise self._abort(
+                f"stopped by the grader: {reply['violation']}{during}", self._trace_where()
+            )
+        if (
+            "ready" not in reply
+            and "defined" not in reply
+            and "value" not in reply
+            and "raised" not in reply
+        ):
+            raise self._abort(f"sent a malformed reply{during}")
+        return reply
+
+    def _reply(self, reply: dict):
+        "The value of a reply, or the student's exception raised here."
+        if "raised" in reply:
+            rec = reply["raised"]
+            fr = rec.get("frames") or [[None, None]]
+            where = _describe_where(self.files, fr[-1][0], fr[-1][1])
+            if rec["kind"] in ("exit", "interrupt", "memory"):
+                what = {
+                    "exit": f"called {rec['message']}"
+                    if rec["type"] == "SystemExit"
+                    else f"raised {rec['type']}",
+                    "interrupt": "raised KeyboardInterrupt",
+                    "memory": "ran out of memory (MemoryError)",
+                }[rec["kind"]]
+                raise SubmissionAborted(
+                    f"{what} while {self.current}" + (f" ({where})" if where else "")
+                )
+            if rec["kind"] == "return":
+                raise SubmissionAborted(
+                    f"{self.current.removeprefix('running ')} returned a value the grader "
+                    "cannot compare: "
+                    f"{rec['message']}"
+                )
+            raise _student_exception(rec, where)
+        return reply
+
+    def begin(self, budget: float | None = None) -> None:
+        "A new exercise: a fresh time budget."
+        self.remaining = self.timeout if budget is None else budget
+
+    def functions(self) -> dict:
+        return {n: StudentFunction(self, n) for n in self.defined}
+
+    def _encode_args(self, value, grads: list):
+        def mark(t, rec):
+            if torch.is_grad_enabled() and t.requires_grad:
+                rec["g"] = len(grads)
+                grads.append(t)
+
+        def ref(v):
+            if isinstance(v, StudentFunction) and v.sub is self:
+                return {"$": "student", "name": v.__name__}
+            mod, name = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
+            if callable(v) and isinstance(mod, str) and isinstance(name, str):
+                obj = sys.modules.get(mod)
+                for part in name.split("."):
+                    obj = getattr(obj, part, None)
+                if obj is v:
+                    return {"$": "ref", "module": mod, "name": name}
+            return None
+
+        try:
+            return encode(value, mark, ref)
+        except TypeError as e:
+            raise TypeError(
+                f"the check passes to your function something the grader cannot send: {e}"
+            ) from None
+
+    def _decode_result(self, reply: dict, inputs: tuple):
+        outs = {}
+
+        def take(t, rec):
+            if "o" in rec:
+                outs[rec["o"]] = t
+            return t
+
+        value = decode(reply["value"], take)
+        if reply.get("node") is None or not outs or not inputs:
+            return value
+        wrapped = _Remote.apply(self, reply["node"], tuple(outs[k] for k in sorted(outs)), *inputs)
+        return decode(reply["value"], lambda t, rec: wrapped[rec["o"]] if "o" in rec else t)
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        "Run the student's `name` in the worker on these arguments."
+        grads = []
+        msg = {
+            "op": "call",
+            "name": name,
+            "args": self._encode_args(list(args), grads),
+            "kwargs": self._encode_args(dict(kwargs), grads),
+        }
+        self.current = f"running your {name}"
+        reply = self._reply(self._request(msg))
+        try:
+            return self._decode_result(reply, tuple(grads))
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise self._abort(f"your {name} sent a malformed reply ({type(e).__name__})") from None
+
+    def grad(self, node: int, grads: list, inputs: tuple, create_graph: bool) -> list:
+        "Backward through a call in the worker: the gradients of its inputs."
+        new = []
+        enc = self._encode_args(
+            [torch.zeros(()) if g is None else g for g in grads], new if create_graph else []
+        )
+        self.current = "running the backward pass through your function"
+        reply = self._reply(
+            self._request(
+                {"op": "grad", "node": node, "grads": enc, "create_graph": bool(create_graph)}
+            )
+        )
+        return (
+            self._decode_result(reply, tuple(inputs) + tuple(new))
+            if create_graph
+            else decode(reply["value"])
+        )
 
 # %% ../nbs/98_classroom.ipynb #cb11f934
-def student_functions(
+def _syntax_note(e: SyntaxError, fname: str) -> str:
+    place = _describe_where({}, fname, None)
+    text = (e.text or "").strip()
+    return f"syntax error in {place}, line {e.lineno}: {e.msg}" + (
+        f": `{text[:120]}`" if text else ""
+    )
+
+
+def _last_bindings(trees: list, wanted: set) -> dict:
+    "name -> the last top-level statement (over the sources, in order) that binds it."
+    last = {}
+    for tree in trees:
+        for node in tree.body:
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and node.name in wanted
+            ):
+                last[node.name] = node
+            else:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    bound = {(a.asname or a.name).split(".")[0] for a in node.names}
+                elif isinstance(node, ast.Assign):
+                    bound = set().union(*(_names(t) for t in node.targets))
+                elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                    bound = _names(node.target)
+                else:
+                    bound = set()
+                for n in bound & wanted:
+                    last[n] = node
+    return last
+
+
+def student_sources(
     exs: list,  # the chapter's exercises
-    base: dict,  # its `base_namespace`
     notebook: Path | None = None,  # a student's notebook
     module: Path | None = None,  # or a student's .py file
-) -> tuple:  # (name -> function, name -> error message of the cell defining it)
-    "Load the student's functions: from a notebook, its cells that define them and its definition-only cells."
+) -> tuple:  # ([(file name, source)], name -> syntax error note, name -> 'stub' | 'code')
+    "Read (never run) the student's work: cells to load, syntax errors, functions still stubs."
     wanted = {n for ex in exs for n in ex.names}
-    funcs, errors = {}, {}
     if module is not None:
         path = Path(module)
         if not path.is_file():
             raise RLBookError(f"no such file: {path}")
-        spec = importlib.util.spec_from_file_location(f"_rlbook_student_{abs(hash(str(path.resolve())))}", path)
-        mod = importlib.util.module_from_spec(spec)
+        src, fname = path.read_text(errors="replace"), str(path)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                spec.loader.exec_module(mod)
-        except Exception as e:
-            return {}, {n: f"importing {path.name} raised {type(e).__name__}: {e}" for n in wanted}
-        return {n: getattr(mod, n) for n in wanted if callable(getattr(mod, n, None))}, {}
+            tree = ast.parse(src, fname)
+        except SyntaxError as e:
+            note = _syntax_note(e, fname)
+            return [], {n: note for n in wanted}, {}
+        last = _last_bindings([tree], wanted)
+        return (
+            [(fname, src)],
+            {},
+            {n: "stub" if is_stub(node) else "code" for n, node in last.items()},
+        )
     path = Path(notebook)
     if not path.is_file():
         raise RLBookError(f"no such file: {path}")
     try:
         cells = read_cells(path)
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise RLBookError(f"{path} is not a notebook: {e}") from None
-    ns = dict(base)
+    sources, syntax, trees = [], {}, []
     for k, c in enumerate(cells):
-        tree = parse(c["source"]) if c["cell_type"] == "code" else None
-        if not tree:
+        if c.get("cell_type") != "code" or not c["source"].strip():
             continue
-        defs = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-        only_defs = all(isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                        for n in tree.body)
-        if not (defs & wanted or only_defs):
-            continue
+        fname = f"<{path.name} cell {k}>"
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(tree, f"<{path.name} cell {k}>", "exec"), ns)
-        except Exception as e:
+            tree = ast.parse(c["source"], fname)
+        except SyntaxError as e:
+            if re.match(r"\s*[%!?]", c["source"]) or "\n%" in c["source"] or "\n!" in c["source"]:
+                continue  # a magic or shell cell: not Python, not part of the grading
+            for n in wanted:
+                if re.search(rf"\bdef\s+{n}\b", c["source"]):
+                    syntax[n] = _syntax_note(e, fname)
+            continue
+        defs = {
+            n.name
+            for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        }
+        only_defs = all(
+            isinstance(
+                n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+            )
+            for n in tree.body
+        )
+        if defs & wanted or only_defs:
+            sources.append((fname, c["source"]))
+            trees.append(tree)
             for n in defs & wanted:
-                errors[n] = f"your cell {k} raised {type(e).__name__}: {e}"
-        for n in defs & wanted:
-            if n in ns:
-                funcs[n] = ns[n]
-    return funcs, errors
+                syntax.pop(n, None)  # a later cell that parses replaces a broken one
+    last = _last_bindings(trees, wanted)
+    return sources, syntax, {n: "stub" if is_stub(node) else "code" for n, node in last.items()}
 
 
 def grade(
     chapter: str,  # chapter name ('10_objective', '10' or 'objective')
-    notebook: Path | None = None,  # the student's notebook (default: the student edition student/<chapter>.ipynb)
+    notebook: Path
+    | None = None,  # the student's notebook (default: the student edition student/<chapter>.ipynb)
     module: Path | None = None,  # or the student's .py file
     root: Path = ROOT,  # repository root
-) -> list:  # (exercise, status, detail) per exercise
-    "Run every exercise's checks on the student's functions."
+    timeout: float = TIMEOUT,  # seconds of the student's code per exercise
+    memory_mb: int | None = MEMORY_MB,  # memory the worker may add (None: no limit)
+) -> list:  # (exercise, status, detail) per exercise; detail may span lines
+    "Run every exercise's checks on the student's functions (which run in a worker process)."
     nb = find_chapter(chapter, root)
     exs = find_exercises(nb)
     if not exs:
         raise RLBookError(f"{nb.stem} has no exercises")
     if notebook is None and module is None:
         notebook = root / "student" / f"{nb.stem}.ipynb"
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise RLBookError(f"--timeout must be a number of seconds in (0, 86400], not {timeout}")
+    if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb <= 0):
+        raise RLBookError(f"--memory-mb must be a positive whole number of MiB, not {memory_mb}")
+    sources, syntax, kinds = student_sources(exs, notebook, module)
+    wanted = sorted({n for ex in exs for n in ex.names})
     base = base_namespace(nb)
-    funcs, errors = student_functions(exs, base, notebook, module)
     rows = []
-    for ex in exs:
-        if any(f"{ex.chapter}:{n}" in EXCLUDED for n in ex.names):
-            rows.append((ex, "not graded", EXCLUDED[next(f"{ex.chapter}:{n}" for n in ex.names
-                                                         if f"{ex.chapter}:{n}" in EXCLUDED)]))
-        elif any(n in errors for n in ex.names):
-            rows.append((ex, "wrong", next(errors[n] for n in ex.names if n in errors)))
-        elif not all(n in funcs for n in ex.names):
-            rows.append((ex, "not attempted", "no definition found"))
-        else:
-            rows.append((ex, *run_checks(ex, {n: funcs[n] for n in ex.names}, base)))
+    with Submission(nb, sources, wanted, timeout, memory_mb, module=module is not None) as sub:
+        for ex in exs:
+            excluded = [f"{ex.chapter}:{n}" for n in ex.names if f"{ex.chapter}:{n}" in EXCLUDED]
+            if excluded:
+                rows.append((ex, "not graded", EXCLUDED[excluded[0]]))
+                continue
+            if any(n in syntax for n in ex.names):
+                rows.append((ex, "error", next(syntax[n] for n in ex.names if n in syntax)))
+                continue
+            if not all(n in kinds for n in ex.names):
+                rows.append((ex, "not attempted", "no definition found"))
+                continue
+            if all(kinds[n] == "stub" for n in ex.names):
+                rows.append((ex, "not attempted", ""))
+                continue
+            rows.append((ex, *_grade_one(sub, ex, base)))
     return rows
+
+
+def _grade_one(sub: Submission, ex: Exercise, base: dict) -> tuple:  # (status, detail)
+    "One exercise in the worker (started, or started again after a death)."
+    if sub.load_failure:
+        return "error", sub.load_failure
+    try:
+        if sub.proc is None or sub.dead:
+            sub.start()
+    except (
+        SubmissionAborted
+    ) as e:  # the same would happen for every exercise: say it once, do not retry
+        sub.load_failure = f"your code could not be loaded: {e}"
+        return "error", sub.load_failure
+    failed = [
+        rec
+        for fname, rec in sub.errors.items()
+        if any(re.search(rf"\bdef\s+{n}\b", sub.files[fname]) for n in ex.names) or sub.module
+    ]
+    if failed:
+        rec = failed[0]
+        fr = rec["frames"][-1] if rec["frames"] else [None, None]
+        what = (
+            f"called {rec['message']}"
+            if rec["type"] == "SystemExit"
+            else f"raised {rec['type']}: {rec['message']}"
+        )
+        return "error", f"loading your code {what}" + (
+            f" ({_describe_where(sub.files, *fr)})" if fr[0] else ""
+        )
+    if not all(n in sub.defined for n in ex.names):
+        return "not attempted", "no function of that name after loading your code"
+    sub.begin()
+    status, detail = run_checks(ex, {n: StudentFunction(sub, n) for n in ex.names}, base)
+    printed, sub.shown = sub.output(
+        sub.shown
+    )  # what it printed since the last report (loading included)
+    if printed.strip():
+        lines = printed.splitlines()
+        shown = [
+            "| " + "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in l)[:200]
+            for l in lines[:8]
+        ]
+        more = f"\n| ... ({len(lines) - 8} more lines)" if len(lines) > 8 else ""
+        detail = (
+            (detail + "\n" if detail else "") + "your code printed:\n" + "\n".join(shown) + more
+        )
+    return status, detail
+
+
+STATUSES = ("correct", "wrong", "error", "not attempted", "not graded")
+EXIT_CODES = {
+    0: "every exercise graded is correct (or, without --require-all, none is wrong or an error)",
+    1: "an exercise is wrong or an error (or, with --require-all, not attempted)",
+    2: "the command is wrong: unknown chapter, missing file, not a notebook, bad limit",
+}
 
 
 def check(
     chapter: str,  # chapter name
     notebook: Path | None = None,  # the student's notebook
     module: Path | None = None,  # or the student's .py file
-    require_all: bool = False,  # fail unless every exercise is correct (default: fail only on wrong answers)
+    require_all: bool = False,  # fail unless every exercise is correct (default: if wrong or error)
     root: Path = ROOT,  # repository root
     file=None,  # where to print (default: stdout)
-) -> int:  # exit status: 0 = pass, 1 = some exercise wrong (or, with require_all, not attempted)
-    "Print one line per exercise and a summary; `rlbook exercises check`."
-    rows = grade(chapter, notebook, module, root)
+    timeout: float = TIMEOUT,  # seconds of the student's code per exercise
+    memory_mb: int | None = MEMORY_MB,  # memory the worker may add (None: no limit)
+) -> int:  # exit status, see EXIT_CODES
+    "One line per exercise (details indented below) and a summary; `rlbook exercises check`."
+    rows = grade(chapter, notebook, module, root, timeout=timeout, memory_mb=memory_mb)
     file = file or sys.stdout
     width = max(len(ex.label) for ex, _, _ in rows)
     for ex, status, detail in rows:
-        print(f"{ex.label:<{width}}  {status}{': ' + detail if status in ('wrong', 'not graded') else ''}", file=file)
-    n = {s: sum(st == s for _, st, _ in rows) for s in ("correct", "wrong", "not attempted")}
-    print(f"{rows[0][0].chapter}: {n['correct']} of {len(rows)} correct, {n['wrong']} wrong, "
-          f"{n['not attempted']} not attempted", file=file)
-    return 1 if n["wrong"] or (require_all and n["not attempted"]) else 0
+        first, *rest = (detail or "").split("\n")
+        shown = status in ("wrong", "error", "not graded") or (status == "not attempted" and first)
+        print(f"{ex.label:<{width}}  {status}{': ' + first if shown and first else ''}", file=file)
+        for line in rest:
+            print(f"{'':<{width}}    {line}", file=file)
+    n = {s: sum(st == s for _, st, _ in rows) for s in STATUSES}
+    print(
+        f"{rows[0][0].chapter}: {n['correct']} of {len(rows)} correct, {n['wrong']} wrong, "
+        f"{n['error']} error{'s' * (n['error'] != 1)}, {n['not attempted']} not attempted",
+        file=file,
+    )
+    bad = n["wrong"] or n["error"] or (require_all and n["not attempted"])
+    return 1 if bad else 0
 
 
 def list_exercises(
