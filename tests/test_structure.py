@@ -1,9 +1,16 @@
-"""The book's structure: one notebook exports one module; modules import only earlier chapters."""
+"""The book's structure: one notebook exports one module; modules import only earlier chapters; the Quarto
+configuration lives at the top level; the book cites only its own pages and the papers."""
 import json
 import re
+import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import build_site  # noqa: E402
+import cite_book  # noqa: E402
 NBS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -37,7 +44,101 @@ def test_modules_import_only_earlier_chapters():
 
 
 def test_every_chapter_is_in_the_site_sidebar():
-    sidebar = (ROOT / "nbs" / "_quarto.yml").read_text()
+    sidebar = yaml.safe_load((ROOT / "_quarto.yml").read_text())["website"]["sidebar"]
+    listed = re.findall(r"nbs/([\w.-]+)", json.dumps(sidebar))
     for nb in NBS:
-        assert nb.name in sidebar, f"{nb.name} missing from nbs/_quarto.yml"
-    assert not (ROOT / "_quarto.yml").exists(), "keep the Quarto config at nbs/_quarto.yml only"
+        assert nb.name in listed, f"{nb.name} missing from the sidebar of _quarto.yml"
+    for page in ("pitfalls.md", "papers.md", "instructor.md", "index.ipynb"):
+        assert page in listed, f"{page} missing from the sidebar of _quarto.yml"
+
+
+def test_nbs_quarto_is_generated_from_the_top_level_file():
+    """nbdev_docs reads nbs/_quarto.yml: it must be _quarto.yml with paths relative to nbs/."""
+    top = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+    nbs_q = yaml.safe_load((ROOT / "nbs" / "_quarto.yml").read_text())
+    assert nbs_q == build_site.nbs_quarto(top), "nbs/_quarto.yml is stale: run `tools/build_site.py --write-pages`"
+    assert nbs_q["metadata-files"] == ["nbdev.yml", "sidebar.yml"]
+    for f in re.findall(r"'([\w.-]+\.(?:ipynb|md))'", str(nbs_q["website"]["sidebar"])):
+        assert (ROOT / "nbs" / f).is_file(), f
+    assert build_site.sidebar_pages(ROOT / "_quarto.yml") == build_site.sidebar_pages(ROOT / "nbs" / "_quarto.yml")
+
+
+# documents that are not part of the book: the planning and design notes kept outside the repository
+INTERNAL = re.compile(r"\b(?:PITFALLS|STYLE)\b|\bMETHODS(?:\.md|,? S\d{3})|\b(?:PITFALLS|METHODS|STYLE)\.md")
+
+
+def book_files():
+    here = Path(__file__).name
+    yield from sorted((ROOT / "nbs").glob("*.ipynb"))
+    yield from sorted((ROOT / "nbs").glob("*.md"))
+    yield from sorted((ROOT / "rlbook").glob("*.py"))
+    yield from sorted(p for p in (ROOT / "tests").glob("*.py") if p.name != here)
+    yield ROOT / "README.md"
+
+
+def test_the_book_cites_only_itself():
+    """No notebook, page, module or test cites a document that is not part of the book; the `.md` files that
+    are mentioned exist (pages of nbs/ or files of the repository)."""
+    problems = []
+    for p in book_files():
+        text = p.read_text(encoding="utf-8")
+        for m in INTERNAL.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            problems.append(f"{p.relative_to(ROOT)}:{line}: cites {m.group(0)!r}, which is not part of the book")
+        for m in re.finditer(r"(?<![\w/.-])([\w-]+\.md)\b", text):
+            name = m.group(1)
+            if not ((ROOT / "nbs" / name).is_file() or (ROOT / name).is_file()):
+                problems.append(f"{p.relative_to(ROOT)}: mentions {name}, which is not in the repository")
+    assert not problems, "\n".join(problems[:40])
+
+
+def headings(nb_or_md: Path) -> set:
+    """The anchors of a page's headings (plain-words headings get the same anchor from Sphinx and Quarto)."""
+    if nb_or_md.suffix == ".ipynb":
+        cells = json.loads(nb_or_md.read_text())["cells"]
+        text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    else:
+        text = nb_or_md.read_text()
+    return {cite_book.slug(re.sub(r"\s*\{#[\w-]+\}\s*$", "", h)) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_links_to_book_pages_resolve():
+    """Every [text](page#anchor) between the book's pages names an existing page and heading."""
+    anchors = {}
+    problems, n = [], 0
+    for p in [*(ROOT / "nbs").glob("*.ipynb"), *(ROOT / "nbs").glob("*.md")]:
+        for page, anchor in re.findall(r"\]\(((?:\d\d_\w+\.ipynb|[a-z]+\.md))#([\w-]+)\)", p.read_text()):
+            n += 1
+            target = ROOT / "nbs" / page
+            if not target.is_file():
+                problems.append(f"{p.name}: link to missing page {page}")
+                continue
+            if target not in anchors:
+                anchors[target] = headings(target)
+            if anchor not in anchors[target]:
+                problems.append(f"{p.name}: link to {page}#{anchor}, no such heading")
+    assert n > 40 and not problems, "\n".join(problems)
+
+
+def test_pitfalls_page_numbers_and_sections():
+    """The entries of the Pitfalls appendix are the numbers tools/cite_book.py links to, and each names the chapter
+    section that covers it, a diagnostic and a test."""
+    text = (ROOT / "nbs" / "pitfalls.md").read_text()
+    entries = re.split(r"^## ", text, flags=re.M)[1:]
+    assert [e.split("\n", 1)[0] for e in entries] == [f"{n}. {h}" for n, h in cite_book.PITFALLS.items()]
+    for e in entries:
+        title = e.split("\n", 1)[0]
+        assert re.search(r"\]\((?:\d\d_\w+\.ipynb|papers\.md)(?:#[\w-]+)?\)", e), f"{title}: no chapter link"
+        for part in ("**The mistake.**", "**Where it is derived.**", "**Diagnostic.**", "**Test.**"):
+            assert part in e, f"{title}: no {part}"
+    for name in re.findall(r"`(tests/test_\w+\.py)::(\w+)`", text):
+        path, test = name
+        assert re.search(rf"^def {test}\(", (ROOT / path).read_text(), re.M), f"{path}::{test} does not exist"
+
+
+def test_citation_tool_is_idempotent_on_the_pages():
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for c in json.loads(nb.read_text())["cells"]:
+            src = "".join(c["source"])
+            once = cite_book.rewrite(src, c["cell_type"] == "markdown")
+            assert cite_book.rewrite(once, c["cell_type"] == "markdown") == once, nb.name
