@@ -90,7 +90,7 @@ def test_chapter_pages_carry_the_run_box(site):
     url = build_site.settings()["git_url"].split("github.com/")[1]
     for _, fs in build_site.sidebar_pages():
         for f in fs:
-            if not build_site.chapter_facts(f)["module"]:
+            if not f.endswith(".ipynb") or not build_site.chapter_facts(f)["module"]:
                 continue
             text = (html / f.replace(".ipynb", ".html")).read_text()
             assert f'href="https://colab.research.google.com/github/{url}/blob/main/nbs/{f}"' in text, f
@@ -316,10 +316,11 @@ def visible_toggle(driver):
 
 
 @pytest.mark.parametrize("width", [1400, 400])
-def test_layout_outputs_and_sidebar(browser, width):
+def test_layout_and_outputs(browser, width):
     driver, base, html = browser
     driver.set_script_timeout(60)
     driver.set_window_size(width, 1000)
+    time.sleep(0.5)
     chapters = [f for _, fs in build_site.sidebar_pages() for f in fs
                 if f.endswith(".ipynb") and build_site.chapter_facts(f)["module"]]
     problems, n_codes, n_eqs = [], 0, 0
@@ -327,6 +328,9 @@ def test_layout_outputs_and_sidebar(browser, width):
         page = f.replace(".ipynb", ".html")
         driver.get(base + page)
         st = driver.execute_async_script(LAYOUT)
+        if "error" not in st and st["pageScroll"] > 1:  # once more, after the late images and fonts
+            time.sleep(1)
+            st = driver.execute_async_script(LAYOUT)
         if "error" in st:
             problems.append(f"{page}: {st['error']}")
             continue
@@ -345,8 +349,22 @@ def test_layout_outputs_and_sidebar(browser, width):
     assert n_codes > 100 and n_eqs > 50, (n_codes, n_eqs)
     assert not problems, "\n".join(problems[:40])
 
-    # the sidebar opens and closes with its toggle, and lists the chapters when open
+
+@pytest.mark.parametrize("width", [1400, 400])
+def test_sidebar_opens_and_closes(browser, width):
+    """The sidebar toggle opens and closes the chapter list; screenshots of a chapter with its outputs."""
+    driver, base, html = browser
+    driver.set_script_timeout(60)
+    driver.set_window_size(width, 1000)
+    time.sleep(0.5)
     SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.get(base + "11_reinforce.html")
+    driver.execute_async_script("const d = arguments[0]; MathJax.startup.promise.then(() => d(true));")
+    out = driver.find_elements("css selector", ".cell_output img")[0]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", out)
+    time.sleep(0.3)
+    shot_out = SHOTS / f"11_reinforce_{width}px_output.png"
+    driver.save_screenshot(str(shot_out))
     driver.get(base + "40_grpo.html")
     driver.execute_async_script("const d = arguments[0]; MathJax.startup.promise.then(() => d(true));")
     before = driver.execute_script(SIDEBAR)
@@ -361,10 +379,12 @@ def test_layout_outputs_and_sidebar(browser, width):
     if toggled["open"]:
         assert toggled["links"] >= 15, toggled  # the chapter list
     if toggled["modal"]:
+        from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.keys import Keys
-        driver.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()  # the modal closes on Escape
     else:
         visible_toggle(driver).click()
     time.sleep(0.5)
     assert driver.execute_script(SIDEBAR)["open"] == before["open"], f"at {width} px the sidebar does not close again"
-    print(f"\nscreenshots at {width} px: {shot} (chapter 40), {shot_open} (sidebar toggled)")
+    print(f"\nscreenshots at {width} px: {shot_out} (chapter 11, a stored figure), {shot} (chapter 40), "
+          f"{shot_open} (sidebar toggled)")

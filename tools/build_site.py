@@ -8,7 +8,8 @@ The Quarto configuration is the top-level _quarto.yml (`quarto render` builds th
 the pages, their order and the sections of the table of contents are read from _quarto.yml's sidebar (chapters and
 appendices alike). Copies of the notebooks (never the originals) are preprocessed under --build:
 
-* `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x` (Quarto's labels are per
+* cross-references written out for plain Jupyter (tools/crossrefs.py) are read back into Quarto's syntax, then
+  `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x` (Quarto's labels are per
   page, Sphinx's global); `@eq-x` a link "(n)" to it, "(n) in chapter NN" to another chapter's;
   `{#sec-x}` headings become targets and `@sec-x` links;
 * Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
@@ -43,6 +44,9 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import crossrefs  # noqa: E402  (the notebooks' written-out cross-references, read back into Quarto's form)
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
@@ -174,6 +178,7 @@ def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: 
         print(f"warning: {page}: a control character in a markdown cell (an unescaped \\b or \\f in the "
               f"notebook's JSON), read as TeX's backslash", file=sys.stderr)
         src = src.replace("\x08", "\\b").replace("\x0c", "\\f")
+    src = crossrefs.to_quarto(src)  # `<a id="eq-x"></a> $$ ... \tag{n}$$`, `[(n)](#eq-x)` -> Quarto's syntax
     src = convert_callouts(src)
     # Quarto's labels are per page, Sphinx's global: a label is prefixed with its page's name
     stem = page.rsplit(".", 1)[0]
@@ -255,7 +260,7 @@ def collect_labels(pages: list) -> dict:
         text = (NBS / f).read_text()
         if f.endswith(".ipynb"):
             text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
-        for lab in re.findall(r"\{#((?:eq|sec)-[\w-]*\w)\}", text):
+        for lab in re.findall(r"\{#((?:eq|sec)-[\w-]*\w)\}", crossrefs.to_quarto(text)):
             labels.setdefault(lab, []).append(f)
     return labels
 
