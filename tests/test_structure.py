@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import build_site  # noqa: E402
 import cite_book  # noqa: E402
+import crossrefs  # noqa: E402
 NBS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -93,13 +94,17 @@ def test_the_book_cites_only_itself():
 
 
 def headings(nb_or_md: Path) -> set:
-    """The anchors of a page's headings (plain-words headings get the same anchor from Sphinx and Quarto)."""
+    """The anchors of a page: its headings' (plain-words headings get the same anchor from Sphinx and Quarto) and
+    its explicit labels (`<a id="eq-x"></a>`, `{#eq-x}`)."""
     if nb_or_md.suffix == ".ipynb":
         cells = json.loads(nb_or_md.read_text())["cells"]
         text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     else:
         text = nb_or_md.read_text()
-    return {cite_book.slug(re.sub(r"\s*\{#[\w-]+\}\s*$", "", h)) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    heads = {cite_book.slug(re.sub(r"\s*(\{#[\w-]+\}|<a id=[^>]*></a>)\s*$", "", h))
+             for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    labels = {a or b for a, b in re.findall(r"<a id=\"([\w-]+)\"></a>|\{#([\w-]+)\}", text)}
+    return heads | labels
 
 
 def test_links_to_book_pages_resolve():
@@ -142,3 +147,72 @@ def test_citation_tool_is_idempotent_on_the_pages():
             src = "".join(c["source"])
             once = cite_book.rewrite(src, c["cell_type"] == "markdown")
             assert cite_book.rewrite(once, c["cell_type"] == "markdown") == once, nb.name
+
+
+def chapter_numbers(spec: str) -> set:
+    """'00–05 (read, run), 14, 20' -> {'00', ..., '05', '14', '20'}"""
+    out = set()
+    for a, b in re.findall(r"\b(\d\d)(?:\s*[–-]\s*(\d\d))?\b", spec):
+        out |= {f"{i:02d}" for i in range(int(a), int(b or a) + 1)}
+    return out
+
+
+def test_instructor_courses_contain_their_prerequisites():
+    """Every course of nbs/instructor.md lists the prerequisites (imports, transitively) of each of its chapters;
+    a course named after RLHF contains the RLHF chapter; grading is described with `rlbook exercises check`."""
+    text = (ROOT / "nbs" / "instructor.md").read_text()
+    chapters = [f for _, fs in build_site.sidebar_pages() for f in fs
+                if f.endswith(".ipynb") and build_site.chapter_facts(f)["module"]]
+    facts = {build_site.chapter_facts(f)["module"]: f[:2] for f in chapters}
+    direct = {f[:2]: {facts[m] for m in build_site.chapter_facts(f)["imports"] if m in facts} for f in chapters}
+
+    def closure(n, seen=None):
+        seen = set() if seen is None else seen
+        for d in direct.get(n, ()):
+            if d not in seen:
+                seen.add(d)
+                closure(d, seen)
+        return seen
+
+    table = text[text.index("## Three courses"):text.index("## Suggested assignments")]
+    courses = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| (\d+) \|$", table, re.M)
+    assert len(courses) >= 3
+    for name, spec, _ in courses:
+        have = chapter_numbers(spec)
+        for n in sorted(have):
+            missing = closure(n) - have
+            assert not missing, f"course {name!r}: chapter {n} needs {sorted(missing)}, which it does not list"
+        if "RLHF" in name:
+            assert "21" in have, f"course {name!r} has no RLHF chapter"
+    grading = text[text.index("## Suggested assignments"):]
+    assert "rlbook exercises check" in grading and "nbdev_test" not in grading
+
+
+def test_crossrefs_written_out_and_read_back():
+    labels = {"eq-a": {"x.ipynb": 1}, "eq-b": {"40_y.ipynb": 3}, "sec-s": {"x.ipynb": "Part"}}
+    md = ("See @eq-a, (@eq-a), @eq-b, @sec-s and `@eq-a`.\n\n$$x = 1$$ {#eq-a}\n\n"
+          "* item:\n\n  $$y\n  = 2$$ {#eq-c}\n\n## Part {#sec-s}\n\n```\n@eq-a\n```\n")
+    out = crossrefs.write_out(md, "x.ipynb", labels, unknown := set())
+    assert out.startswith("See [(1)](#eq-a), [(1)](#eq-a), [(3) in chapter 40](40_y.ipynb#eq-b), [Part](#sec-s) "
+                          "and `@eq-a`.")
+    assert '<a id="eq-a"></a>\n\n$$x = 1 \\tag{1}$$' in out and "## Part <a id=\"sec-s\"></a>" in out
+    assert '  <a id="eq-c"></a>\n\n  $$y\n  = 2 \\tag{?}$$' in out  # indentation kept; unnumbered: unknown
+    assert "```\n@eq-a\n```" in out and unknown == set()
+    assert crossrefs.write_out(out, "x.ipynb", labels, set()) == out  # idempotent
+    assert crossrefs.to_quarto(out).replace("@eq-a, @eq-a", "@eq-a, (@eq-a)") == md
+
+
+def test_no_raw_quarto_crossrefs_in_notebooks():
+    """Jupyter and the student editions show `{#eq-x}` and `@eq-x` raw: every notebook carries the written-out
+    form of tools/crossrefs.py, numbered as the site numbers them."""
+    labels = crossrefs.collect([f for _, fs in build_site.sidebar_pages() for f in fs])
+    stale = []
+    for nb in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for c in json.loads(nb.read_text())["cells"]:
+            if c["cell_type"] != "markdown":
+                continue
+            src = "".join(c["source"])
+            if crossrefs.write_out(src, nb.name, labels, set()) != src:
+                stale.append(nb.name)
+                break
+    assert not stale, f"raw or stale cross-references: run `tools/crossrefs.py {' '.join('nbs/' + s for s in stale)}`"
