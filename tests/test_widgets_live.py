@@ -106,6 +106,9 @@ def lab():
         driver.set_page_load_timeout(90)
         shots = Path(os.environ.get("RLBOOK_SCREENSHOTS") or work / "screenshots")
         shots.mkdir(parents=True, exist_ok=True)
+        driver.get(f"{base}/lab?token={token}")  # loaded once; each test opens its notebook in it
+        wait_for(lambda: driver.execute_script("return !!(window.jupyterapp && window.jupyterapp.shell"
+                                               " && document.querySelector('.jp-LabShell'));"), 90, "JupyterLab")
         yield driver, base, token, work, shots
     finally:
         if driver is not None:
@@ -149,8 +152,8 @@ def wait_for(fn, timeout, what):
 def changed_pixels(png_a: bytes, png_b: bytes) -> int:
     from PIL import Image, ImageChops
     a, b = (Image.open(io.BytesIO(p)).convert("RGB") for p in (png_a, png_b))
-    if a.size != b.size:
-        return a.size[0] * a.size[1]
+    w, h = min(a.size[0], b.size[0]), min(a.size[1], b.size[1])  # the area may differ by a pixel row
+    a, b = a.crop((0, 0, w, h)), b.crop((0, 0, w, h))
     return ImageChops.difference(a, b).convert("L").point(lambda p: 255 if p > 16 else 0).histogram()[255]
 
 
@@ -169,11 +172,15 @@ def test_explorer_redraws_when_a_slider_moves(lab, nb, module, cell):
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(book, work / name)
 
-    driver.get(f"{base}/lab/tree/{name}?token={token}")
+    driver.set_script_timeout(60)
+    driver.execute_async_script(
+        "const done = arguments[1]; window.jupyterapp.commands.execute('docmanager:open', {path: arguments[0]})"
+        ".then(() => done(true)).catch((e) => done(String(e)));", name)
     wait_for(lambda: driver.execute_script(
         "const a = window.jupyterapp; if (!a || !a.shell.currentWidget) return false;"
-        "const k = a.shell.currentWidget.sessionContext; return !!(k && k.session && k.session.kernel"
-        " && k.session.kernel.status === 'idle');"), 90, f"the kernel of {name} to be idle")
+        "const w = a.shell.currentWidget; if (!w.context || w.context.path !== arguments[0]) return false;"
+        "const k = w.sessionContext; return !!(k && k.session && k.session.kernel"
+        " && k.session.kernel.status === 'idle');", name), 90, f"the kernel of {name} to be idle")
     driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
     first = wait_for(lambda: (lambda s: s if s and s["img"] and s["sliders"] else None)(driver.execute_script(STATE)),
                      90, f"the explorer of {nb} to draw its figure")
