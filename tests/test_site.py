@@ -3,15 +3,15 @@ JavaScript error, equations are typeset by the bundled MathJax, images load and 
 
 Chromium and its driver come from Debian (`apt-get install chromium chromium-driver`; .ci/run installs them).
 Without them the browser test is skipped, except in CI (CI=true), where it fails.
-At 1400 and 400 px wide, every chapter shows at least one stored output, no code block scrolls sideways, display
-equations fit the column or scroll on their own, the page itself never scrolls sideways, and the sidebar opens and
-closes. Screenshots go to $RLBOOK_SCREENSHOTS or _site_screenshots/ (git-ignored); their paths are printed."""
+At 1400 and 400 px wide, every chapter shows at least one stored output, no code block scrolls
+sideways, display equations fit the column or scroll on their own, the page itself never scrolls
+sideways, and the sidebar opens and closes. Screenshots go to $RLBOOK_SCREENSHOTS or
+_site_screenshots/ (git-ignored); their paths are printed."""
 import ast
 import dataclasses
 import functools
 import http.server
 import importlib
-import json
 import os
 import re
 import shutil
@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
@@ -288,7 +288,8 @@ const mj = window.MathJax && MathJax.startup && MathJax.startup.promise;
     o.querySelector('img') || (o.innerText || '').trim().length > 0);
   done({
     codes: codes.length,
-    codeOverflow: codes.filter(p => p.scrollWidth > p.clientWidth + 1).map(p => p.innerText.slice(0, 60)),
+    codeOverflow: codes.filter(p => p.scrollWidth > p.clientWidth + 1)
+      .map(p => p.innerText.slice(0, 60)),
     eqs: eqs.length,
     eqOutside: eqs.filter(e => e.getBoundingClientRect().right > right + 1).length,
     pageScroll: document.documentElement.scrollWidth - window.innerWidth,
@@ -303,14 +304,19 @@ const sb = document.getElementById('pst-primary-sidebar');
 const dlg = document.getElementById('pst-primary-sidebar-modal');
 const r = sb.getBoundingClientRect();
 const links = (dlg && dlg.open ? dlg : sb).querySelectorAll('a.reference.internal').length;
-return {open: !!(dlg && dlg.open) || (r.width > 50 && r.right > 50 && getComputedStyle(sb).visibility !== 'hidden'
-        && !sb.classList.contains('pst-sidebar-hidden')), modal: !!(dlg && dlg.open), links: links};
+const shown = r.width > 50 && r.right > 50 && getComputedStyle(sb).visibility !== 'hidden'
+  && !sb.classList.contains('pst-sidebar-hidden');
+return {open: !!(dlg && dlg.open) || shown, modal: !!(dlg && dlg.open), links: links};
 """
+
+
+MATHJAX_DONE = "const d = arguments[0]; MathJax.startup.promise.then(() => d(true));"
 
 
 def visible_toggle(driver):
     from selenium.webdriver.common.by import By
-    shown = [b for b in driver.find_elements(By.CSS_SELECTOR, ".primary-toggle") if b.is_displayed()]
+    toggles = driver.find_elements(By.CSS_SELECTOR, ".primary-toggle")
+    shown = [b for b in toggles if b.is_displayed()]
     assert shown, "no visible sidebar toggle"
     return shown[0]
 
@@ -335,38 +341,39 @@ def test_layout_and_outputs(browser, width):
             problems.append(f"{page}: {st['error']}")
             continue
         n_codes, n_eqs = n_codes + st["codes"], n_eqs + st["eqs"]
+        at = f"{page} at {width} px"
         if not st["outputs"]:
             problems.append(f"{page}: no rendered output (run tools/run_notebooks.py nbs/{f})")
         if st["codeOverflow"]:
-            problems.append(f"{page} at {width} px: {len(st['codeOverflow'])} code blocks scroll sideways, "
+            problems.append(f"{at}: {len(st['codeOverflow'])} code blocks scroll sideways, "
                             f"first: {st['codeOverflow'][0]!r}")
         if st["eqOutside"]:
-            problems.append(f"{page} at {width} px: {st['eqOutside']} display equations stick out of the column")
+            problems.append(f"{at}: {st['eqOutside']} display equations stick out of the column")
         if st["pageScroll"] > 1:
-            problems.append(f"{page} at {width} px: the page scrolls sideways by {st['pageScroll']} px")
+            problems.append(f"{at}: the page scrolls sideways by {st['pageScroll']} px")
         if st["articleWidth"] < 0.8 * min(width, 800) - 40:
-            problems.append(f"{page} at {width} px: the text column is only {st['articleWidth']} px wide")
+            problems.append(f"{at}: the text column is only {st['articleWidth']} px wide")
     assert n_codes > 100 and n_eqs > 50, (n_codes, n_eqs)
     assert not problems, "\n".join(problems[:40])
 
 
 @pytest.mark.parametrize("width", [1400, 400])
 def test_sidebar_opens_and_closes(browser, width):
-    """The sidebar toggle opens and closes the chapter list; screenshots of a chapter with its outputs."""
+    """The sidebar toggle opens and closes the chapter list; screenshots of chapters."""
     driver, base, html = browser
     driver.set_script_timeout(60)
     driver.set_window_size(width, 1000)
     time.sleep(0.5)
     SHOTS.mkdir(parents=True, exist_ok=True)
     driver.get(base + "11_reinforce.html")
-    driver.execute_async_script("const d = arguments[0]; MathJax.startup.promise.then(() => d(true));")
+    driver.execute_async_script(MATHJAX_DONE)
     out = driver.find_elements("css selector", ".cell_output img")[0]
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", out)
     time.sleep(0.3)
     shot_out = SHOTS / f"11_reinforce_{width}px_output.png"
     driver.save_screenshot(str(shot_out))
     driver.get(base + "40_grpo.html")
-    driver.execute_async_script("const d = arguments[0]; MathJax.startup.promise.then(() => d(true));")
+    driver.execute_async_script(MATHJAX_DONE)
     before = driver.execute_script(SIDEBAR)
     shot = SHOTS / f"40_grpo_{width}px.png"
     driver.save_screenshot(str(shot))
@@ -375,7 +382,7 @@ def test_sidebar_opens_and_closes(browser, width):
     toggled = driver.execute_script(SIDEBAR)
     shot_open = SHOTS / f"40_grpo_{width}px_sidebar_toggled.png"
     driver.save_screenshot(str(shot_open))
-    assert toggled["open"] != before["open"], f"at {width} px the sidebar toggle changed nothing: {before}"
+    assert toggled["open"] != before["open"], f"at {width} px the toggle changed nothing: {before}"
     if toggled["open"]:
         assert toggled["links"] >= 15, toggled  # the chapter list
     if toggled["modal"]:
@@ -385,6 +392,7 @@ def test_sidebar_opens_and_closes(browser, width):
     else:
         visible_toggle(driver).click()
     time.sleep(0.5)
-    assert driver.execute_script(SIDEBAR)["open"] == before["open"], f"at {width} px the sidebar does not close again"
-    print(f"\nscreenshots at {width} px: {shot_out} (chapter 11, a stored figure), {shot} (chapter 40), "
-          f"{shot_open} (sidebar toggled)")
+    again = driver.execute_script(SIDEBAR)["open"]
+    assert again == before["open"], f"at {width} px the sidebar does not close again"
+    print(f"\nscreenshots at {width} px: {shot_out} (chapter 11, a stored figure), "
+          f"{shot} (chapter 40), {shot_open} (sidebar toggled)")

@@ -3,31 +3,36 @@
 
     .venv/bin/python tools/build_site.py [--out _site] [--execute no]
 
-The Quarto configuration is the top-level _quarto.yml (`quarto render` builds the site from nbs/); nbdev's
-`nbdev_docs` reads nbs/_quarto.yml, generated from it by `--write-pages`. This build needs no Quarto and no network:
-the pages, their order and the sections of the table of contents are read from _quarto.yml's sidebar (chapters and
-appendices alike). Copies of the notebooks (never the originals) are preprocessed under --build:
+The Quarto configuration is the top-level _quarto.yml (`quarto render` builds the site from nbs/);
+nbdev's `nbdev_docs` reads nbs/_quarto.yml, generated from it by `--write-pages`. This build needs
+no Quarto and no network: the pages, their order and the sections of the table of contents are read
+from _quarto.yml's sidebar (chapters and appendices alike). Copies of the notebooks (never the
+originals) are preprocessed under --build:
 
-* cross-references written out for plain Jupyter (tools/crossrefs.py) are read back into Quarto's syntax, then
-  `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x` (Quarto's labels are per
-  page, Sphinx's global); `@eq-x` a link "(n)" to it, "(n) in chapter NN" to another chapter's;
-  `{#sec-x}` headings become targets and `@sec-x` links;
+* cross-references written out for plain Jupyter (tools/crossrefs.py) are read back into Quarto's
+  syntax, then `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x`
+  (Quarto's labels are per page, Sphinx's global); `@eq-x` a link "(n)" to it, "(n) in chapter NN"
+  to another chapter's; `{#sec-x}` headings become targets and `@sec-x` links;
 * Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
-* code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output: false` its
-  code only; the other `#|` directive lines are stripped (`#| export` cells stay: they are the code the reader reads);
-* a markdown image of a committed file, `![caption in words](../data/results/x.png)`, becomes a figure with that
-  caption; a committed figure only named in the text (`data/results/x.png`) is shown below that paragraph, with the
-  sentence naming it as its caption; `#| fig-cap: ...` captions the figure a code cell draws;
-* under each `#| slow` / `#| gpu` cell a note says that the page does not run it, which committed files its results
-  are in (the next cells draw them) and how to run it;
-* links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to GitHub;
-* each chapter gets a box under its title: CPU time of its unflagged cells (data/site/cpu_times.json), the commands
-  that run it locally and an "Open in Colab" link.
+* code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output:
+  false` its code only; the other `#|` directive lines are stripped (`#| export` cells stay: they
+  are the code the reader reads);
+* a markdown image of a committed file, `![caption in words](../data/results/x.png)`, becomes a
+  figure with that caption; a committed figure only named in the text (`data/results/x.png`) is
+  shown below that paragraph, with the sentence naming it as its caption; `#| fig-cap: ...` captions
+  the figure a code cell draws;
+* under each `#| slow` / `#| gpu` cell a note says that the page does not run it, which committed
+  files its results are in (the next cells draw them) and how to run it;
+* links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to
+  GitHub;
+* each chapter gets a box under its title: CPU time of its unflagged cells
+  (data/site/cpu_times.json), the commands that run it locally and an "Open in Colab" link.
 
-Notebooks are never executed (`--execute no`, the only mode): pages show the outputs stored in the notebooks, which
-`tools/run_notebooks.py` refreshes (it runs the light cells in a kernel), so a rebuild takes seconds.
-`--measure-times [NB ...]` re-measures the timing table with `nbdev_test --timing` (minutes; run it after a chapter
-changes a lot), `--write-pages` refreshes the generated table inside nbs/instructor.md and nbs/_quarto.yml.
+Notebooks are never executed (`--execute no`, the only mode): pages show the outputs stored in the
+notebooks, which `tools/run_notebooks.py` refreshes (it runs the light cells in a kernel), so a
+rebuild takes seconds. `--measure-times [NB ...]` re-measures the timing table with `nbdev_test
+--timing` (minutes; run it after a chapter changes a lot), `--write-pages` refreshes the generated
+table inside nbs/instructor.md and nbs/_quarto.yml.
 """
 import argparse
 import ast
@@ -46,14 +51,15 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import crossrefs  # noqa: E402  (the notebooks' written-out cross-references, read back into Quarto's form)
+import crossrefs  # noqa: E402  (written-out cross-references, read back into Quarto's form)
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 TIMES = ROOT / "data" / "site" / "cpu_times.json"
-QUARTO = ROOT / "_quarto.yml"  # the source; nbs/_quarto.yml (read by nbdev_docs) is generated from it
-NBS_QUARTO_HEADER = ("# Generated from ../_quarto.yml by `tools/build_site.py --write-pages`: edit that file, not this one.\n"
-                     "# nbdev 2.4's nbdev_docs renders inside nbs/, so the paths here are relative to nbs/.\n")
+QUARTO = ROOT / "_quarto.yml"  # the source; nbs/_quarto.yml (for nbdev_docs) is generated from it
+NBS_QUARTO_HEADER = (
+    "# Generated from ../_quarto.yml by `tools/build_site.py --write-pages`: edit that file.\n"
+    "# nbdev 2.4's nbdev_docs renders inside nbs/, so the paths here are relative to nbs/.\n")
 # MathJax 3 (tex-chtml) from the PyPI wheel sphinx-mathjax-offline: only what tex-chtml loads on demand is copied
 MATHJAX_PARTS = ["tex-chtml.js", "input/tex", "output/chtml", "ui", "a11y", "adaptors", "sre/speech-worker.js"]
 CALLOUTS = {"note": "note", "tip": "tip", "warning": "warning", "important": "important", "caution": "caution"}
@@ -69,7 +75,7 @@ def settings() -> dict:
 
 
 def nbs_quarto(top: dict) -> dict:
-    """nbs/_quarto.yml's content from the top-level _quarto.yml: paths relative to nbs/, nbdev's metadata files."""
+    """nbs/_quarto.yml from the top-level _quarto.yml: paths relative to nbs/, nbdev's metadata."""
     def rel(v):
         if isinstance(v, str):
             return v[len("nbs/"):] if v.startswith("nbs/") else v
@@ -80,20 +86,22 @@ def nbs_quarto(top: dict) -> dict:
         return v
 
     q = rel(top)
-    q["project"] = {k: v for k, v in q.get("project", {}).items() if k not in ("output-dir", "render")}
+    project = q.get("project", {})
+    q["project"] = {k: v for k, v in project.items() if k not in ("output-dir", "render")}
     q["metadata-files"] = ["nbdev.yml", "sidebar.yml"]
     return q
 
 
 def write_nbs_quarto() -> Path:
     out = NBS / "_quarto.yml"
-    out.write_text(NBS_QUARTO_HEADER + "\n" + yaml.safe_dump(nbs_quarto(yaml.safe_load(QUARTO.read_text())),
-                                                              sort_keys=False, allow_unicode=True, width=1000))
+    q = nbs_quarto(yaml.safe_load(QUARTO.read_text()))
+    out.write_text(NBS_QUARTO_HEADER + "\n"
+                   + yaml.safe_dump(q, sort_keys=False, allow_unicode=True, width=1000))
     return out
 
 
 def sidebar_pages(quarto_yml: Path = QUARTO) -> list:
-    """[(section caption or None, [file in nbs/, ...]), ...] in the order of the Quarto sidebar (_quarto.yml)."""
+    """[(section caption or None, [file in nbs/, ...]), ...] in _quarto.yml's sidebar order."""
     q = yaml.safe_load(quarto_yml.read_text())
     sb = q.get("website", {}).get("sidebar", {})
     if isinstance(sb, list):  # several sidebars: the first is the book's
@@ -178,7 +186,8 @@ def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: 
         print(f"warning: {page}: a control character in a markdown cell (an unescaped \\b or \\f in the "
               f"notebook's JSON), read as TeX's backslash", file=sys.stderr)
         src = src.replace("\x08", "\\b").replace("\x0c", "\\f")
-    src = crossrefs.to_quarto(src)  # `<a id="eq-x"></a> $$ ... \tag{n}$$`, `[(n)](#eq-x)` -> Quarto's syntax
+    # `<a id="eq-x"></a> $$ ... \tag{n}$$`, `[(n)](#eq-x)` -> Quarto's syntax
+    src = crossrefs.to_quarto(src)
     src = convert_callouts(src)
     # Quarto's labels are per page, Sphinx's global: a label is prefixed with its page's name
     stem = page.rsplit(".", 1)[0]
@@ -229,21 +238,24 @@ def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: 
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest)
         cap = " ".join(caption.split()) or "A committed result of this chapter."
-        return f"\n\n```{{figure}} {os.path.relpath(dest, fig_dir.parent)}\n:alt: {cap}\n\n{cap}\n```\n"
+        rel_dest = os.path.relpath(dest, fig_dir.parent)
+        return f"\n\n```{{figure}} {rel_dest}\n:alt: {cap}\n\n{cap}\n```\n"
 
-    def md_image(m):  # ![caption in words](../data/results/x.png): the notebook's own image, as a figure
+    def md_image(m):  # ![caption in words](../data/results/x.png): the notebook's image, a figure
         rel = os.path.normpath(m.group(2)).replace(os.sep, "/").lstrip("./")
         if not (rel.startswith("data/") and (ROOT / rel).is_file()):
             return m.group(0)
         return figure(rel, m.group(1))
 
     src = re.sub(r"!\[([^\]]*)\]\((?:\.\./)?(data/[\w./-]+\.(?:png|svg|jpg))\)", md_image, src)
-    figs = {}  # committed figures named in the text (`data/results/x.png`): the sentence naming it is the caption
+    # committed figures named in the text (`data/results/x.png`): the sentence is the caption
+    figs = {}
     for m in re.finditer(r"`(data/(?:results|figures)/[\w./-]+\.(?:png|svg|jpg))`", src):
         rel = m.group(1)
         if (ROOT / rel).is_file() and rel not in figs:
             start = max(src.rfind(". ", 0, m.start()), src.rfind("\n", 0, m.start())) + 1
-            stop = min([i for i in (src.find(". ", m.end()), src.find("\n", m.end())) if i >= 0] or [len(src)])
+            ends = [i for i in (src.find(". ", m.end()), src.find("\n", m.end())) if i >= 0]
+            stop = min(ends or [len(src)])
             sentence = src[start:stop].replace(m.group(0), "").strip(" .:;,(")
             sentence = re.sub(r"\(\s*figure\s*[:;]?\s*", "(", sentence, flags=re.I)
             sentence = re.sub(r"\(\s*[;,]?\s*", "(", sentence).replace("()", "").strip()
@@ -358,16 +370,17 @@ def chapter_box(nb_file: str, facts: dict, times: dict, repo_url: str) -> str:
 
 
 def flagged_note(nb_file: str, flag: str, src: str) -> str:
-    """The note under a `#| slow` / `#| gpu` cell: not run for the site, where its results are, how to run it."""
+    """The note under a `#| slow` / `#| gpu` cell: not run here, its results, how to run it."""
     where = sorted(set(re.findall(r"\.\./(data/results/[\w/.-]*\w)", src)))
     kind = "needs a GPU" if flag == "gpu" else "takes minutes on a CPU"
-    res = (f" It writes {', '.join(f'`{w}`' for w in where)} (committed): the figures and tables below are drawn "
-           f"from those files.") if where else " The cells below use what it computes only when it has been run."
+    files = ", ".join(f"`{w}`" for w in where)
+    res = (f" It writes {files} (committed): the figures and tables below are drawn from them."
+           if where else " The cells below use what it computes only when it has been run.")
     return f"""```{{admonition}} An experiment cell, not run on this page
 :class: note flagged-cell
 
-This cell is flagged `#| {flag}`: it {kind}, so neither the tests nor this page run it.{res} To rerun it, run the
-chapter in Jupyter (the flagged cells run there like any other) or
+This cell is flagged `#| {flag}`: it {kind}, so neither the tests nor this page run it.{res}
+To rerun it, run the chapter in Jupyter (the flagged cells run there like any other) or
 `.venv/bin/nbdev_test --path nbs/{nb_file} --flags {flag}`.
 ```
 """
@@ -403,7 +416,8 @@ def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, rep
                 c["outputs"] = []
             flag = re.search(r"^#\|\s*(slow|gpu)\b", src, re.M)
             # a widget needs a live kernel (and require.js from a CDN): its outputs are dropped
-            c["outputs"] = [o for o in c.get("outputs", []) if not any("widget" in k for k in o.get("data", {}))]
+            c["outputs"] = [o for o in c.get("outputs", [])
+                            if not any("widget" in k for k in o.get("data", {}))]
             for o in c["outputs"]:
                 if "data" in o:
                     o["data"] = {k: v for k, v in o["data"].items() if "widget" not in k}
@@ -504,9 +518,10 @@ SITE_CSS = """\
 }
 """
 
-# sphinx-book-theme 1.3 puts its own sidebar buttons in the article header, but pydata-sphinx-theme 0.17 binds its
-# handlers to the first `.primary-toggle` / `.secondary-toggle` of the page only (one in the navbar, hidden by the
-# book theme): a click on any other toggle is forwarded to that first one.
+# sphinx-book-theme 1.3 puts its own sidebar buttons in the article header, but
+# pydata-sphinx-theme 0.17 binds its handlers to the first `.primary-toggle` /
+# `.secondary-toggle` of the page only (one in the navbar, hidden by the book theme): a click on
+# any other toggle is forwarded to that first one.
 SITE_JS = """\
 document.addEventListener("DOMContentLoaded", () => {
   for (const kind of ["primary", "secondary"]) {
@@ -658,8 +673,8 @@ def main(argv=None):
     ap.add_argument("--measure-times", nargs="*", metavar="NB",
                     help="re-measure data/site/cpu_times.json (all chapters, or the notebooks named) and exit")
     ap.add_argument("--write-pages", action="store_true",
-                    help="refresh the generated tables inside nbs/instructor.md and nbs/_quarto.yml (for the Quarto "
-                         "site) and exit")
+                    help="refresh the generated tables inside nbs/instructor.md and "
+                         "nbs/_quarto.yml (for the Quarto site) and exit")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     if a.measure_times is not None:
