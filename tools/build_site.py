@@ -502,7 +502,10 @@ SITE_CSS = """\
 /* the paper index and the chapter tables are wide */
 .bd-main .bd-content .bd-article-container { max-width: 75em; }
 .bd-article table { font-size: 0.85em; }
-.bd-article .table-wrapper, .bd-article table { overflow-x: auto; }
+/* a wide table scrolls on its own (its cells wrap first), the page does not */
+.bd-article table { display: block; max-width: 100%; overflow-x: auto; }
+.bd-article td, .bd-article th { overflow-wrap: anywhere; }
+.bd-article code.literal, .bd-article code.literal span.pre { white-space: normal; overflow-wrap: anywhere; }
 /* code and printed outputs wrap at the column instead of scrolling sideways */
 .bd-article div.highlight pre, .bd-article .cell_output pre, .bd-article pre {
   white-space: pre-wrap; overflow-wrap: anywhere; word-break: normal; }
