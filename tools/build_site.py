@@ -369,9 +369,15 @@ def chapter_box(nb_file: str, facts: dict, times: dict, repo_url: str) -> str:
 # ---------------------------------------------------------------- pages
 
 
-def flagged_note(nb_file: str, flag: str, src: str) -> str:
-    """The note under a `#| slow` / `#| gpu` cell: not run here, its results, how to run it."""
-    where = sorted(set(re.findall(r"\.\./(data/results/[\w/.-]*\w)", src)))
+def flagged_note(nb_file: str, flag: str, src: str, dirs: tuple = ()) -> str:
+    """The note under a `#| slow` / `#| gpu` cell: not run here, its results, how to run it.
+
+    The committed files it writes: `../data/results/...` paths in its source, and the file names
+    it names (`"x.csv"`) that exist in one of the notebook's result folders `dirs`."""
+    where = set(re.findall(r"\.\./(data/results/[\w/.-]*\w)", src))
+    for name in re.findall(r"[\"']([\w.-]+\.(?:csv|json|jsonl|png))[\"']", src):
+        where |= {f"{d}/{name}" for d in dirs if (ROOT / d / name).is_file()}
+    where = sorted(w for w in where if not any(w.startswith(o + "/") for o in where))
     kind = "needs a GPU" if flag == "gpu" else "takes minutes on a CPU"
     files = ", ".join(f"`{w}`" for w in where)
     res = (f" It writes {files} (committed): the figures and tables below are drawn from them."
@@ -399,6 +405,7 @@ def code_cell(src: str):
 def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, repo_url: str, chapter: bool):
     nb = json.loads((NBS / nb_file).read_text())
     cells, boxed = [], not chapter
+    result_dirs = tuple(sorted(set(re.findall(r"\.\./(data/results/\w+)", (NBS / nb_file).read_text()))))
     for c in nb["cells"]:
         src = "".join(c["source"])
         if c["cell_type"] == "code":
@@ -428,7 +435,7 @@ def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, rep
             cells.append(c)
             if flag:
                 cells.append({"cell_type": "markdown", "metadata": {},
-                              "source": flagged_note(nb_file, flag.group(1), src)})
+                              "source": flagged_note(nb_file, flag.group(1), src, result_dirs)})
             continue
         if c["cell_type"] != "markdown":
             continue
