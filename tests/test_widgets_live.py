@@ -207,6 +207,19 @@ def wait_for(fn, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def settled(driver, state, quiet=1.0, timeout=30):
+    """The output area's state once it has not changed for `quiet` seconds."""
+    t0, last, since = time.time(), state, time.time()
+    while time.time() - t0 < timeout:
+        time.sleep(0.25)
+        now = driver.execute_script(STATE)
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet:
+            return last
+    raise AssertionError(f"the explorer kept redrawing for {timeout} s")
+
+
 def changed_pixels(png_a: bytes, png_b: bytes) -> int:
     from PIL import Image, ImageChops
 
@@ -267,13 +280,10 @@ def test_explorer_redraws_when_a_slider_moves(lab, nb, module, cell):
         f"the kernel of {name} to be idle",
     )
     driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
-    first = wait_for(
-        lambda: (lambda s: s if s and s["img"] and s["sliders"] else None)(
-            driver.execute_script(STATE)
-        ),
-        90,
-        f"the explorer of {nb} to draw its figure",
-    )
+    drawn = wait_for(lambda: (lambda s: s if s and s["img"] and s["sliders"] else None)(
+        driver.execute_script(STATE)), 90, f"the explorer of {nb} to draw its figure")
+    # a slider may snap its initial value to its step and redraw once: wait until nothing changes
+    first = settled(driver, drawn)
     area = driver.execute_script(
         "return window.jupyterapp.shell.currentWidget.node"
         ".querySelector('.jp-Notebook .jp-Cell:last-child .jp-OutputArea');"
@@ -292,20 +302,10 @@ def test_explorer_redraws_when_a_slider_moves(lab, nb, module, cell):
         for _ in range(3):
             handle.send_keys(key)
         try:
-            after = wait_for(
-                lambda: (
-                    lambda s: (
-                        s
-                        if s
-                        and s["img"]
-                        and s["img"] != first["img"]
-                        and s["text"] != first["text"]
-                        else None
-                    )
-                )(driver.execute_script(STATE)),
-                20,
-                "the figure to be redrawn",
-            )
+            moved = wait_for(lambda: (lambda s: s if s and s["img"] and s["img"] != first["img"]
+                                      and s["text"] != first["text"] else None)(
+                driver.execute_script(STATE)), 20, "the figure to be redrawn")
+            after = settled(driver, moved)
             break
         except AssertionError:
             continue
