@@ -3,13 +3,15 @@ JavaScript error, equations are typeset by the bundled MathJax, images load and 
 
 Chromium and its driver come from Debian (`apt-get install chromium chromium-driver`; .ci/run installs them).
 Without them the browser test is skipped, except in CI (CI=true), where it fails.
-A screenshot of the GRPO chapter is written to _site_screenshots/ (git-ignored)."""
+At 1400 and 400 px wide, every chapter shows at least one stored output, no code block scrolls
+sideways, display equations fit the column or scroll on their own, the page itself never scrolls
+sideways, and the sidebar opens and closes. Screenshots go to $RLBOOK_SCREENSHOTS or
+_site_screenshots/ (git-ignored); their paths are printed."""
 import ast
 import dataclasses
 import functools
 import http.server
 import importlib
-import json
 import os
 import re
 import shutil
@@ -19,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import build_site  # noqa: E402
 
-SHOTS = ROOT / "_site_screenshots"
+SHOTS = Path(os.environ.get("RLBOOK_SCREENSHOTS") or ROOT / "_site_screenshots")
 ALLOWED_HOSTS = ("github.com", "colab.research.google.com")  # plain links; nothing a page needs to render
 
 
@@ -54,7 +56,7 @@ def test_toc_follows_quarto_sidebar(site):
     toc = yaml.safe_load((build / "book" / "_toc.yml").read_text())
     got = [toc["root"]] + [c["file"] for p in toc["parts"] for c in p["chapters"]]
     want = [f.rsplit(".", 1)[0] for _, fs in build_site.sidebar_pages() for f in fs]
-    want += [f.rsplit(".", 1)[0] for f in build_site.EXTRA_PAGES[1]]
+    assert {"pitfalls", "papers", "instructor"} <= set(want)
     assert got == want
     for stem in got:
         assert (html / f"{stem}.html").is_file(), stem
@@ -88,7 +90,7 @@ def test_chapter_pages_carry_the_run_box(site):
     url = build_site.settings()["git_url"].split("github.com/")[1]
     for _, fs in build_site.sidebar_pages():
         for f in fs:
-            if not build_site.chapter_facts(f)["module"]:
+            if not f.endswith(".ipynb") or not build_site.chapter_facts(f)["module"]:
                 continue
             text = (html / f.replace(".ipynb", ".html")).read_text()
             assert f'href="https://colab.research.google.com/github/{url}/blob/main/nbs/{f}"' in text, f
@@ -272,3 +274,125 @@ def test_screenshot_of_a_chapter(browser):
     out2 = SHOTS / "40_grpo_derivation.png"
     assert driver.save_screenshot(str(out2))
     print(f"\nscreenshots: {out} (title and run box), {out2} (derivation)")
+
+
+LAYOUT = """
+const done = arguments[arguments.length - 1];
+const mj = window.MathJax && MathJax.startup && MathJax.startup.promise;
+(mj || Promise.resolve()).then(() => {
+  const art = document.querySelector('.bd-article') || document.querySelector('main');
+  const right = art.getBoundingClientRect().right;
+  const codes = [...art.querySelectorAll('div.highlight pre, .cell_output pre')];
+  const eqs = [...art.querySelectorAll('div.math')];
+  const outputs = [...art.querySelectorAll('.cell_output')].filter(o =>
+    o.querySelector('img') || (o.innerText || '').trim().length > 0);
+  done({
+    codes: codes.length,
+    codeOverflow: codes.filter(p => p.scrollWidth > p.clientWidth + 1)
+      .map(p => p.innerText.slice(0, 60)),
+    eqs: eqs.length,
+    eqOutside: eqs.filter(e => e.getBoundingClientRect().right > right + 1).length,
+    pageScroll: document.documentElement.scrollWidth - window.innerWidth,
+    outputs: outputs.length, figures: art.querySelectorAll('.cell_output img, figure img').length,
+    articleWidth: Math.round(art.getBoundingClientRect().width),
+  });
+}).catch(e => done({error: String(e)}));
+"""
+
+SIDEBAR = """
+const sb = document.getElementById('pst-primary-sidebar');
+const dlg = document.getElementById('pst-primary-sidebar-modal');
+const r = sb.getBoundingClientRect();
+const links = (dlg && dlg.open ? dlg : sb).querySelectorAll('a.reference.internal').length;
+const shown = r.width > 50 && r.right > 50 && getComputedStyle(sb).visibility !== 'hidden'
+  && !sb.classList.contains('pst-sidebar-hidden');
+return {open: !!(dlg && dlg.open) || shown, modal: !!(dlg && dlg.open), links: links};
+"""
+
+
+MATHJAX_DONE = "const d = arguments[0]; MathJax.startup.promise.then(() => d(true));"
+
+
+def visible_toggle(driver):
+    from selenium.webdriver.common.by import By
+    toggles = driver.find_elements(By.CSS_SELECTOR, ".primary-toggle")
+    shown = [b for b in toggles if b.is_displayed()]
+    assert shown, "no visible sidebar toggle"
+    return shown[0]
+
+
+@pytest.mark.parametrize("width", [1400, 400])
+def test_layout_and_outputs(browser, width):
+    driver, base, html = browser
+    driver.set_script_timeout(60)
+    driver.set_window_size(width, 1000)
+    time.sleep(0.5)
+    chapters = [f for _, fs in build_site.sidebar_pages() for f in fs
+                if f.endswith(".ipynb") and build_site.chapter_facts(f)["module"]]
+    problems, n_codes, n_eqs = [], 0, 0
+    for f in chapters:
+        page = f.replace(".ipynb", ".html")
+        driver.get(base + page)
+        st = driver.execute_async_script(LAYOUT)
+        if "error" not in st and st["pageScroll"] > 1:  # once more, after the late images and fonts
+            time.sleep(1)
+            st = driver.execute_async_script(LAYOUT)
+        if "error" in st:
+            problems.append(f"{page}: {st['error']}")
+            continue
+        n_codes, n_eqs = n_codes + st["codes"], n_eqs + st["eqs"]
+        at = f"{page} at {width} px"
+        if not st["outputs"]:
+            problems.append(f"{page}: no rendered output (run tools/run_notebooks.py nbs/{f})")
+        if st["codeOverflow"]:
+            problems.append(f"{at}: {len(st['codeOverflow'])} code blocks scroll sideways, "
+                            f"first: {st['codeOverflow'][0]!r}")
+        if st["eqOutside"]:
+            problems.append(f"{at}: {st['eqOutside']} display equations stick out of the column")
+        if st["pageScroll"] > 1:
+            problems.append(f"{at}: the page scrolls sideways by {st['pageScroll']} px")
+        if st["articleWidth"] < 0.8 * min(width, 800) - 40:
+            problems.append(f"{at}: the text column is only {st['articleWidth']} px wide")
+    assert n_codes > 100 and n_eqs > 50, (n_codes, n_eqs)
+    assert not problems, "\n".join(problems[:40])
+
+
+@pytest.mark.parametrize("width", [1400, 400])
+def test_sidebar_opens_and_closes(browser, width):
+    """The sidebar toggle opens and closes the chapter list; screenshots of chapters."""
+    driver, base, html = browser
+    driver.set_script_timeout(60)
+    driver.set_window_size(width, 1000)
+    time.sleep(0.5)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.get(base + "11_reinforce.html")
+    driver.execute_async_script(MATHJAX_DONE)
+    out = driver.find_elements("css selector", ".cell_output img")[0]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", out)
+    time.sleep(0.3)
+    shot_out = SHOTS / f"11_reinforce_{width}px_output.png"
+    driver.save_screenshot(str(shot_out))
+    driver.get(base + "40_grpo.html")
+    driver.execute_async_script(MATHJAX_DONE)
+    before = driver.execute_script(SIDEBAR)
+    shot = SHOTS / f"40_grpo_{width}px.png"
+    driver.save_screenshot(str(shot))
+    visible_toggle(driver).click()
+    time.sleep(0.5)
+    toggled = driver.execute_script(SIDEBAR)
+    shot_open = SHOTS / f"40_grpo_{width}px_sidebar_toggled.png"
+    driver.save_screenshot(str(shot_open))
+    assert toggled["open"] != before["open"], f"at {width} px the toggle changed nothing: {before}"
+    if toggled["open"]:
+        assert toggled["links"] >= 15, toggled  # the chapter list
+    if toggled["modal"]:
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()  # the modal closes on Escape
+    else:
+        visible_toggle(driver).click()
+    time.sleep(0.5)
+    again = driver.execute_script(SIDEBAR)["open"]
+    assert again == before["open"], f"at {width} px the sidebar does not close again"
+    print(f"\nscreenshots at {width} px: {shot_out} (chapter 11, a stored figure), "
+          f"{shot} (chapter 40), {shot_open} (sidebar toggled)")

@@ -3,25 +3,36 @@
 
     .venv/bin/python tools/build_site.py [--out _site] [--execute no]
 
-nbdev's Quarto site (`nbdev_docs`, configured by nbs/_quarto.yml) is the other build of the same notebooks; this
-one needs no Quarto and no network. The chapter list and order are read from nbs/_quarto.yml's sidebar, then the
-pages of EXTRA_PAGES are appended. Copies of the notebooks (never the originals) are preprocessed under --build:
+The Quarto configuration is the top-level _quarto.yml (`quarto render` builds the site from nbs/);
+nbdev's `nbdev_docs` reads nbs/_quarto.yml, generated from it by `--write-pages`. This build needs
+no Quarto and no network: the pages, their order and the sections of the table of contents are read
+from _quarto.yml's sidebar (chapters and appendices alike). Copies of the notebooks (never the
+originals) are preprocessed under --build:
 
-* `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x` (Quarto's labels are per
-  page, Sphinx's global); `@eq-x` a link "(n)" to it, "(n) in chapter NN" to another chapter's;
-  `{#sec-x}` headings become targets and `@sec-x` links;
+* cross-references written out for plain Jupyter (tools/crossrefs.py) are read back into Quarto's
+  syntax, then `$$ ... $$ {#eq-x}` becomes a MyST equation numbered per page, labelled `<page>-eq-x`
+  (Quarto's labels are per page, Sphinx's global); `@eq-x` a link "(n)" to it, "(n) in chapter NN"
+  to another chapter's; `{#sec-x}` headings become targets and `@sec-x` links;
 * Quarto callouts (`::: {.callout-note}`) become admonitions; other Quarto divs lose their wrapper;
-* code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output: false` its
-  code only; the other `#|` directive lines are stripped (`#| export` cells stay: they are the code the reader reads);
-* a committed figure named in the text as `data/results/.../x.png` or `data/figures/x.png` is shown below that
-  paragraph;
-* links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to GitHub;
-* each chapter gets a box under its title: CPU time of its unflagged cells (data/site/cpu_times.json), the commands
-  that run it locally and an "Open in Colab" link.
+* code cells flagged `#| hide` are removed, `#| echo: false` shows a cell's output only, `#| output:
+  false` its code only; the other `#|` directive lines are stripped (`#| export` cells stay: they
+  are the code the reader reads);
+* a markdown image of a committed file, `![caption in words](../data/results/x.png)`, becomes a
+  figure with that caption; a committed figure only named in the text (`data/results/x.png`) is
+  shown below that paragraph, with the sentence naming it as its caption; `#| fig-cap: ...` captions
+  the figure a code cell draws;
+* under each `#| slow` / `#| gpu` cell a note says that the page does not run it, which committed
+  files its results are in (the next cells draw them) and how to run it;
+* links to `nbs/x.ipynb` (the README's form) point to the page, links to other repository files to
+  GitHub;
+* each chapter gets a box under its title: CPU time of its unflagged cells
+  (data/site/cpu_times.json), the commands that run it locally and an "Open in Colab" link.
 
-Notebooks are never executed (`--execute no`, the only mode): pages show the committed outputs.
-`--measure-times [NB ...]` re-measures the timing table with `nbdev_test --timing` (minutes; run it after a chapter
-changes a lot), `--write-pages` refreshes the generated table inside nbs/instructor.md (for the Quarto site).
+Notebooks are never executed (`--execute no`, the only mode): pages show the outputs stored in the
+notebooks, which `tools/run_notebooks.py` refreshes (it runs the light cells in a kernel), so a
+rebuild takes seconds. `--measure-times [NB ...]` re-measures the timing table with `nbdev_test
+--timing` (minutes; run it after a chapter changes a lot), `--write-pages` refreshes the generated
+table inside nbs/instructor.md and nbs/_quarto.yml.
 """
 import argparse
 import ast
@@ -39,11 +50,16 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import crossrefs  # noqa: E402  (written-out cross-references, read back into Quarto's form)
+
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 TIMES = ROOT / "data" / "site" / "cpu_times.json"
-# pages that are not in the Quarto sidebar, appended after the chapters (caption, [files in nbs/])
-EXTRA_PAGES = ("For instructors", ["instructor.md", "papers.md"])
+QUARTO = ROOT / "_quarto.yml"  # the source; nbs/_quarto.yml (for nbdev_docs) is generated from it
+NBS_QUARTO_HEADER = (
+    "# Generated from ../_quarto.yml by `tools/build_site.py --write-pages`: edit that file.\n"
+    "# nbdev 2.4's nbdev_docs renders inside nbs/, so the paths here are relative to nbs/.\n")
 # MathJax 3 (tex-chtml) from the PyPI wheel sphinx-mathjax-offline: only what tex-chtml loads on demand is copied
 MATHJAX_PARTS = ["tex-chtml.js", "input/tex", "output/chtml", "ui", "a11y", "adaptors", "sre/speech-worker.js"]
 CALLOUTS = {"note": "note", "tip": "tip", "warning": "warning", "important": "important", "caution": "caution"}
@@ -58,8 +74,34 @@ def settings() -> dict:
 # ---------------------------------------------------------------- chapter list
 
 
-def sidebar_pages(quarto_yml: Path = NBS / "_quarto.yml") -> list:
-    """[(section caption or None, [file, ...]), ...] in the order of nbs/_quarto.yml's sidebar."""
+def nbs_quarto(top: dict) -> dict:
+    """nbs/_quarto.yml from the top-level _quarto.yml: paths relative to nbs/, nbdev's metadata."""
+    def rel(v):
+        if isinstance(v, str):
+            return v[len("nbs/"):] if v.startswith("nbs/") else v
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        return v
+
+    q = rel(top)
+    project = q.get("project", {})
+    q["project"] = {k: v for k, v in project.items() if k not in ("output-dir", "render")}
+    q["metadata-files"] = ["nbdev.yml", "sidebar.yml"]
+    return q
+
+
+def write_nbs_quarto() -> Path:
+    out = NBS / "_quarto.yml"
+    q = nbs_quarto(yaml.safe_load(QUARTO.read_text()))
+    out.write_text(NBS_QUARTO_HEADER + "\n"
+                   + yaml.safe_dump(q, sort_keys=False, allow_unicode=True, width=1000))
+    return out
+
+
+def sidebar_pages(quarto_yml: Path = QUARTO) -> list:
+    """[(section caption or None, [file in nbs/, ...]), ...] in _quarto.yml's sidebar order."""
     q = yaml.safe_load(quarto_yml.read_text())
     sb = q.get("website", {}).get("sidebar", {})
     if isinstance(sb, list):  # several sidebars: the first is the book's
@@ -77,6 +119,7 @@ def sidebar_pages(quarto_yml: Path = NBS / "_quarto.yml") -> list:
                 f = it.get("href") or it.get("file") or ""
             else:
                 continue
+            f = f[len("nbs/"):] if f.startswith("nbs/") else f
             if not (NBS / f).is_file():
                 continue  # an external link or a page not written yet
             if not parts or parts[-1][0] != caption:
@@ -143,6 +186,8 @@ def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: 
         print(f"warning: {page}: a control character in a markdown cell (an unescaped \\b or \\f in the "
               f"notebook's JSON), read as TeX's backslash", file=sys.stderr)
         src = src.replace("\x08", "\\b").replace("\x0c", "\\f")
+    # `<a id="eq-x"></a> $$ ... \tag{n}$$`, `[(n)](#eq-x)` -> Quarto's syntax
+    src = crossrefs.to_quarto(src)
     src = convert_callouts(src)
     # Quarto's labels are per page, Sphinx's global: a label is prefixed with its page's name
     stem = page.rsplit(".", 1)[0]
@@ -188,15 +233,35 @@ def rewrite_markdown(src: str, labels: dict, page: str, repo_url: str, fig_dir: 
 
     src = outside_code(src, refs)
 
-    figs = []  # committed figures named in the text
-    for rel in re.findall(r"`(data/(?:results|figures)/[\w./-]+\.(?:png|svg|jpg))`", src):
-        if (ROOT / rel).is_file() and rel not in figs:
-            figs.append(rel)
-    for rel in figs:
+    def figure(rel, caption):
         dest = fig_dir / rel.replace("/", "_")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest)
-        src += f"\n\n```{{figure}} {os.path.relpath(dest, fig_dir.parent)}\n:alt: {rel}\n\n`{rel}`\n```\n"
+        cap = " ".join(caption.split()) or "A committed result of this chapter."
+        rel_dest = os.path.relpath(dest, fig_dir.parent)
+        return f"\n\n```{{figure}} {rel_dest}\n:alt: {cap}\n\n{cap}\n```\n"
+
+    def md_image(m):  # ![caption in words](../data/results/x.png): the notebook's image, a figure
+        rel = os.path.normpath(m.group(2)).replace(os.sep, "/").lstrip("./")
+        if not (rel.startswith("data/") and (ROOT / rel).is_file()):
+            return m.group(0)
+        return figure(rel, m.group(1))
+
+    src = re.sub(r"!\[([^\]]*)\]\((?:\.\./)?(data/[\w./-]+\.(?:png|svg|jpg))\)", md_image, src)
+    # committed figures named in the text (`data/results/x.png`): the sentence is the caption
+    figs = {}
+    for m in re.finditer(r"`(data/(?:results|figures)/[\w./-]+\.(?:png|svg|jpg))`", src):
+        rel = m.group(1)
+        if (ROOT / rel).is_file() and rel not in figs:
+            start = max(src.rfind(". ", 0, m.start()), src.rfind("\n", 0, m.start())) + 1
+            ends = [i for i in (src.find(". ", m.end()), src.find("\n", m.end())) if i >= 0]
+            stop = min(ends or [len(src)])
+            sentence = src[start:stop].replace(m.group(0), "").strip(" .:;,(")
+            sentence = re.sub(r"\(\s*figure\s*[:;]?\s*", "(", sentence, flags=re.I)
+            sentence = re.sub(r"\(\s*[;,]?\s*", "(", sentence).replace("()", "").strip()
+            figs[rel] = sentence + "." if sentence else ""
+    for rel, cap in figs.items():
+        src += figure(rel, cap)
     return src
 
 
@@ -207,7 +272,7 @@ def collect_labels(pages: list) -> dict:
         text = (NBS / f).read_text()
         if f.endswith(".ipynb"):
             text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
-        for lab in re.findall(r"\{#((?:eq|sec)-[\w-]*\w)\}", text):
+        for lab in re.findall(r"\{#((?:eq|sec)-[\w-]*\w)\}", crossrefs.to_quarto(text)):
             labels.setdefault(lab, []).append(f)
     return labels
 
@@ -304,6 +369,29 @@ def chapter_box(nb_file: str, facts: dict, times: dict, repo_url: str) -> str:
 # ---------------------------------------------------------------- pages
 
 
+def flagged_note(nb_file: str, flag: str, src: str, dirs: tuple = ()) -> str:
+    """The note under a `#| slow` / `#| gpu` cell: not run here, its results, how to run it.
+
+    The committed files it writes: `../data/results/...` paths in its source, and the file names
+    it names (`"x.csv"`) that exist in one of the notebook's result folders `dirs`."""
+    where = set(re.findall(r"\.\./(data/results/[\w/.-]*\w)", src))
+    for name in re.findall(r"[\"']([\w.-]+\.(?:csv|json|jsonl|png))[\"']", src):
+        where |= {f"{d}/{name}" for d in dirs if (ROOT / d / name).is_file()}
+    where = sorted(w for w in where if not any(w.startswith(o + "/") for o in where))
+    kind = "needs a GPU" if flag == "gpu" else "takes minutes on a CPU"
+    files = ", ".join(f"`{w}`" for w in where)
+    res = (f" It writes {files} (committed): the figures and tables below are drawn from them."
+           if where else " The cells below use what it computes only when it has been run.")
+    return f"""```{{admonition}} An experiment cell, not run on this page
+:class: note flagged-cell
+
+This cell is flagged `#| {flag}`: it {kind}, so neither the tests nor this page run it.{res}
+To rerun it, run the chapter in Jupyter (the flagged cells run there like any other) or
+`.venv/bin/nbdev_test --path nbs/{nb_file} --flags {flag}`.
+```
+"""
+
+
 def code_cell(src: str):
     """None for a `#| hide` cell, else the source without its `#|` directive lines."""
     lines = src.split("\n")
@@ -317,6 +405,7 @@ def code_cell(src: str):
 def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, repo_url: str, chapter: bool):
     nb = json.loads((NBS / nb_file).read_text())
     cells, boxed = [], not chapter
+    result_dirs = tuple(sorted(set(re.findall(r"\.\./(data/results/\w+)", (NBS / nb_file).read_text()))))
     for c in nb["cells"]:
         src = "".join(c["source"])
         if c["cell_type"] == "code":
@@ -325,11 +414,18 @@ def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, rep
                 continue
             # Quarto's `#| echo: false` shows the output only, `#| output: false` the code only
             tags = ["remove-input"] if re.search(r"^#\|\s*echo:\s*false", src, re.M) else []
-            c = {**c, "source": body, "metadata": {"tags": tags} if tags else {}}
+            meta = {"tags": tags} if tags else {}
+            cap = re.search(r"^#\|\s*fig-cap:\s*(.+?)\s*$", src, re.M)
+            if cap:  # Quarto's figure caption, for the figure this cell draws
+                meta["mystnb"] = {"figure": {"caption": cap.group(1).strip("\"'")}}
+            c = {**c, "source": body, "metadata": meta}
             if re.search(r"^#\|\s*output:\s*false", src, re.M):
                 c["outputs"] = []
-            # outputs of widgets would need require.js from a CDN: keep the text form only
-            for o in c.get("outputs", []):
+            flag = re.search(r"^#\|\s*(slow|gpu)\b", src, re.M)
+            # a widget needs a live kernel (and require.js from a CDN): its outputs are dropped
+            c["outputs"] = [o for o in c.get("outputs", [])
+                            if not any("widget" in k for k in o.get("data", {}))]
+            for o in c["outputs"]:
                 if "data" in o:
                     o["data"] = {k: v for k, v in o["data"].items() if "widget" not in k}
                     md = o["data"].get("text/markdown")
@@ -337,6 +433,9 @@ def preprocess_notebook(nb_file: str, dest: Path, labels: dict, times: dict, rep
                         md = "".join(md) if isinstance(md, list) else md
                         o["data"]["text/markdown"] = re.sub(r"^\s*---\s*\n", "", md)
             cells.append(c)
+            if flag:
+                cells.append({"cell_type": "markdown", "metadata": {},
+                              "source": flagged_note(nb_file, flag.group(1), src, result_dirs)})
             continue
         if c["cell_type"] != "markdown":
             continue
@@ -404,7 +503,48 @@ def copy_mathjax(static: Path):
             shutil.copy2(s, d)
 
 
-def write_book(build: Path, parts: list, extra: tuple, times: dict) -> Path:
+SITE_CSS = """\
+.run-this-chapter pre { font-size: 0.85em; }
+.admonition.run-this-chapter p { margin-bottom: 0.4em; }
+/* the paper index and the chapter tables are wide */
+.bd-main .bd-content .bd-article-container { max-width: 75em; }
+.bd-article table { font-size: 0.85em; }
+/* a wide table scrolls on its own (its cells wrap first), the page does not */
+.bd-article table { display: block; max-width: 100%; overflow-x: auto; }
+.bd-article td, .bd-article th { overflow-wrap: anywhere; }
+.bd-article code.literal, .bd-article code.literal span.pre { white-space: normal; overflow-wrap: anywhere; }
+/* code and printed outputs wrap at the column instead of scrolling sideways */
+.bd-article div.highlight pre, .bd-article .cell_output pre, .bd-article pre {
+  white-space: pre-wrap; overflow-wrap: anywhere; word-break: normal; }
+/* a display equation wider than the column scrolls on its own, the page does not */
+.bd-article div.math, .bd-article mjx-container[display="true"] {
+  max-width: 100%; overflow-x: auto; overflow-y: hidden; }
+.bd-article .cell_output img { max-width: 100%; height: auto; }
+.bd-article figure img, .bd-article .figure img { max-width: 100%; height: auto; }
+@media (max-width: 600px) {
+  .bd-article { padding-left: 0.25rem; padding-right: 0.25rem; }
+  .bd-main .bd-content .bd-article-container { padding-left: 0.5rem; padding-right: 0.5rem; }
+  .bd-article pre { font-size: 0.8em; }
+}
+"""
+
+# sphinx-book-theme 1.3 puts its own sidebar buttons in the article header, but
+# pydata-sphinx-theme 0.17 binds its handlers to the first `.primary-toggle` /
+# `.secondary-toggle` of the page only (one in the navbar, hidden by the book theme): a click on
+# any other toggle is forwarded to that first one.
+SITE_JS = """\
+document.addEventListener("DOMContentLoaded", () => {
+  for (const kind of ["primary", "secondary"]) {
+    const all = [...document.querySelectorAll(`.${kind}-toggle`)];
+    all.slice(1).forEach((b) => b.addEventListener("click", (e) => {
+      e.preventDefault(); e.stopPropagation(); all[0].click();
+    }));
+  }
+});
+"""
+
+
+def write_book(build: Path, parts: list, times: dict) -> Path:
     cfg = settings()
     repo_url = cfg["git_url"].rstrip("/")
     book = build / "book"
@@ -413,35 +553,28 @@ def write_book(build: Path, parts: list, extra: tuple, times: dict) -> Path:
     (book / "_static").mkdir(parents=True)
     all_pages = [f for _, fs in parts for f in fs]
     chapters = [f for f in all_pages if f.endswith(".ipynb") and chapter_facts(f)["module"]]
-    extra_caption, extra_files = extra
-    extra_files = [f for f in extra_files if (NBS / f).is_file()]
-    labels = collect_labels(all_pages + extra_files)
+    labels = collect_labels(all_pages)
 
     for f in all_pages:
         dest = book / f
         if f.endswith(".ipynb"):
             preprocess_notebook(f, dest, labels, times, repo_url, chapter=f in chapters)
         else:
-            dest.write_text(rewrite_markdown((NBS / f).read_text(), labels, f, repo_url, book / "figures"))
-    for f in extra_files:
-        text = fill_generated((NBS / f).read_text(), chapters, times)
-        (book / f).write_text(rewrite_markdown(text, labels, f, repo_url, book / "figures"))
+            text = fill_generated((NBS / f).read_text(), chapters, times)
+            dest.write_text(rewrite_markdown(text, labels, f, repo_url, book / "figures"))
     if (NBS / "styles.css").is_file():
         shutil.copy2(NBS / "styles.css", book / "_static" / "styles.css")
     (book / "favicon.svg").write_text(  # without one, every page logs a 404 for /favicon.ico
         '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" '
         'fill="#2c3e50"/><text x="16" y="22" font-size="15" text-anchor="middle" fill="#fff" '
         'font-family="sans-serif">rl</text></svg>\n')
-    (book / "_static" / "site.css").write_text(
-        ".run-this-chapter pre { font-size: 0.85em; }\n.admonition.run-this-chapter p { margin-bottom: 0.4em; }\n"
-        "/* the paper index and the chapter tables are wide */\n"
-        ".bd-main .bd-content .bd-article-container { max-width: 75em; }\n"
-        ".bd-article table { font-size: 0.85em; }\n")
+    (book / "_static" / "site.css").write_text(SITE_CSS)
+    (book / "_static" / "site.js").write_text(SITE_JS)
 
     stem = lambda f: f.rsplit(".", 1)[0]
     root = all_pages[0]
     toc_parts = []
-    for cap, fs in parts + [(extra_caption, extra_files)]:
+    for cap, fs in parts:
         fs = [f for f in fs if f != root]
         if fs:
             toc_parts.append({**({"caption": cap} if cap else {}), "chapters": [{"file": stem(f)} for f in fs]})
@@ -482,7 +615,7 @@ def write_book(build: Path, parts: list, extra: tuple, times: dict) -> Path:
 def build(out: Path, build_dir: Path, jobs: int = 1, quiet: bool = True) -> float:
     t0 = time.time()
     times = load_times()
-    book = write_book(build_dir, sidebar_pages(), EXTRA_PAGES, times)
+    book = write_book(build_dir, sidebar_pages(), times)
     bin_dir = Path(sys.executable).parent
     # jupyter-book writes conf.py from _config.yml; sphinx-build then builds (in parallel with -j)
     subprocess.run([bin_dir / "jupyter-book", "config", "sphinx", str(book)], check=True, capture_output=True)
@@ -550,7 +683,8 @@ def main(argv=None):
     ap.add_argument("--measure-times", nargs="*", metavar="NB",
                     help="re-measure data/site/cpu_times.json (all chapters, or the notebooks named) and exit")
     ap.add_argument("--write-pages", action="store_true",
-                    help="refresh the generated tables inside nbs/instructor.md (for the Quarto site) and exit")
+                    help="refresh the generated tables inside nbs/instructor.md and "
+                         "nbs/_quarto.yml (for the Quarto site) and exit")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     if a.measure_times is not None:
@@ -558,11 +692,12 @@ def main(argv=None):
         return 0
     if a.write_pages:
         chapters = [f for _, fs in sidebar_pages() for f in fs if f.endswith(".ipynb") and chapter_facts(f)["module"]]
-        for f in EXTRA_PAGES[1]:
+        for f in [f for _, fs in sidebar_pages() for f in fs if f.endswith(".md")]:
             p = NBS / f
             if p.is_file() and GENERATED.search(p.read_text()):
                 p.write_text(fill_generated(p.read_text(), chapters, load_times()))
                 print(f"refreshed {p.relative_to(ROOT)}")
+        print(f"wrote {write_nbs_quarto().relative_to(ROOT)} from _quarto.yml")
         return 0
     out, bdir = (Path(p) if Path(p).is_absolute() else ROOT / p for p in (a.out, a.build))
     secs = build(out, bdir, jobs=a.jobs, quiet=not a.verbose)
