@@ -26,16 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .grpo import RATIOS, RL_DEFAULTS, GRPOConfig, check_options, difficulty_mask, grpo_collect, grpo_loss
-from .grpo import grpo_setup
-from .logprobs import AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, kl_k3, seq_mean, token_mean
+from .grpo import (RATIOS, RL_DEFAULTS, GRPOConfig, check_options, difficulty_mask,
+                         grpo_collect, grpo_loss, grpo_setup)
+from .logprobs import (AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, kl_k3, seq_mean,
+                             token_mean)
 from .models import RLBookError, frozen_copy, load_policy
 from .ppo import last_token_mask, ppo_policy_loss
 from .reinforce import discounted_returns, masked_whiten, rloo_advantages
-from .rollout import encode_pairs, generate
+from .rollout import encode_pairs
 from .sft import SFT, WARM_START, cache_root, shipped_root
 from .tasks import Example, NumericTask
-from .train import Method, Run, TrainConfig, collect_rollouts, shard, step_seed, train
+from .train import Method, Run, TrainConfig, collect_rollouts, train
 
 # %% ../nbs/41_dense_credit.ipynb #7baacf4a
 def implicit_token_rewards(
@@ -55,7 +56,7 @@ def implicit_q(
     mask: torch.Tensor,  # (B, T)
     *,
     beta: float,  # scale of the implicit reward
-) -> torch.Tensor:  # (B, T) q_t = partial sums of beta log pi_phi / pi_ref up to and including token t
+) -> torch.Tensor:  # (B, T) q_t: partial sums of beta log pi_phi / pi_ref up to token t
     "The implicit Q-values of every prefix, @eq-implicit-q."
     return implicit_token_rewards(logp, ref_logp, mask, beta=beta).cumsum(-1)
 
@@ -77,7 +78,7 @@ def step_ends(
     sep_ids: list,  # token ids that end a step (e.g. the id of ';')
     n_steps: int | None = None,  # K, the number of columns (default: the most steps of any row)
 ) -> torch.Tensor:  # (B, K) index of the last token of each step, -1 where a row has fewer steps
-    "Step boundaries: every separator token, and the last counted token of the row (a step needs no separator at the end)."
+    "Step boundaries: every separator token, and the last counted token of the row (its EOS)."
     m = mask.bool()
     B, T = ids.shape
     is_sep = torch.isin(ids, torch.tensor(list(sep_ids), device=ids.device)) & m
@@ -89,13 +90,14 @@ def step_ends(
     if K > T:
         order = torch.cat([order, order.new_full((B, K - T), 2 * T)], 1)
     ends = order[:, :K]
-    return torch.where(torch.arange(K, device=ids.device)[None] < counts, ends, torch.full_like(ends, -1))
+    exists = torch.arange(K, device=ids.device)[None] < counts
+    return torch.where(exists, ends, torch.full_like(ends, -1))
 
 
 def step_rewards(
     q: torch.Tensor,  # (B, T) implicit Q-values, @eq-implicit-q
     ends: torch.Tensor,  # (B, K) from step_ends (-1 = no such step)
-) -> torch.Tensor:  # (B, K) r_k = q at the end of step k minus q at the end of step k-1 (0 where no step)
+) -> torch.Tensor:  # (B, K) r_k = q(end of step k) - q(end of step k-1); 0: no step
     "Step rewards of the implicit PRM, @eq-step-reward."
     qe = q.gather(1, ends.clamp(min=0))  # (B, K)
     prev = torch.cat([torch.zeros_like(qe[:, :1]), qe[:, :-1]], 1)
@@ -105,7 +107,7 @@ def step_rewards(
 def first_error_guess(
     step_r: torch.Tensor,  # (B, K) step rewards
     ends: torch.Tensor,  # (B, K) step ends (-1 = no such step)
-) -> torch.Tensor:  # (B,) index of the step with the lowest reward: the PRM's guess of the first wrong step
+) -> torch.Tensor:  # (B,) the step with the lowest reward
     "The step an implicit PRM blames: argmin of the step rewards over the steps that exist."
     return step_r.masked_fill(ends < 0, float("inf")).argmin(-1)
 
@@ -129,7 +131,8 @@ def implicit_prm_loss(
     with torch.no_grad():
         keep, pos = w > 0, y > 0.5
         nan = float("nan")
-        stats = {"prm/accuracy": ((r > 0) == pos)[keep].float().mean().item() if keep.any() else nan,
+        acc = ((r > 0) == pos)[keep].float().mean().item() if keep.any() else nan
+        stats = {"prm/accuracy": acc,
                  "prm/reward_pos": r[keep & pos].mean().item() if (keep & pos).any() else nan,
                  "prm/reward_neg": r[keep & ~pos].mean().item() if (keep & ~pos).any() else nan}
     return loss, stats
@@ -140,7 +143,7 @@ CHAIN_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}  # the ope
 
 @dataclass
 class ArithmeticChain(NumericTask):
-    "Chained arithmetic, left to right: prompt `'86+8*2+4='`, solution `'94;188;192'` (one value per step)."
+    "Chained arithmetic, left to right: prompt `'86+8*2+4='`, solution `'94;188;192'`."
 
     n_steps: int = 3  # operations per problem: the steps of a solution
     max_start: int = 99  # the first number is drawn from [10, max_start]
@@ -152,7 +155,8 @@ class ArithmeticChain(NumericTask):
     def __post_init__(self):
         if self.n_steps < 1:
             raise RLBookError(f"ArithmeticChain: n_steps must be >= 1, got {self.n_steps}")
-        if self.max_start < 10 or self.max_operand < 1 or self.max_value < self.max_start + self.max_operand:
+        if (self.max_start < 10 or self.max_operand < 1
+                or self.max_value < self.max_start + self.max_operand):
             raise RLBookError("ArithmeticChain: need max_start >= 10, max_operand >= 1 and "
                               "max_value >= max_start + max_operand")
 
@@ -160,7 +164,7 @@ class ArithmeticChain(NumericTask):
         self,
         rng: random.Random,  # the random stream
     ) -> Example:
-        "Draw one chain; `dict(example.meta)` holds its `ops` ((op, operand), ...) and step `values`."
+        "Draw one chain; `dict(example.meta)` holds its `ops` ((op, operand), ...) and `values`."
         v = rng.randint(10, self.max_start)
         prompt, ops, values = str(v), [], []
         for _ in range(self.n_steps):
@@ -188,7 +192,7 @@ def parse_steps(
 def first_wrong_step(
     example: Example,  # a chain problem
     completion: str,  # a completion
-) -> int:  # index of the first step whose value is wrong or missing (or an extra step); -1 if all are right
+) -> int:  # first step wrong, missing or extra; -1: all right
     "Ground truth for step-error localisation."
     values, steps = dict(example.meta)["values"], parse_steps(completion)
     for k in range(max(len(values), len(steps))):
@@ -201,8 +205,8 @@ def inject_step_error(
     example: Example,  # a chain problem
     step: int,  # which step to corrupt (0-based)
     rng: random.Random,  # the random stream for the offset
-) -> str:  # the worked solution with one wrong step; the later steps are computed from the wrong value
-    "Exactly one wrong step: offset its value by 1..9 and recompute the rest (so the final answer is wrong too)."
+) -> str:  # a solution with one wrong step
+    "One wrong step: its value offset by 1..9, the later steps computed from it (a wrong answer)."
     ops, values = dict(example.meta)["ops"], list(dict(example.meta)["values"])
     if not 0 <= step < len(values):
         raise RLBookError(f"step must be in [0, {len(values)}), got {step}")
@@ -214,8 +218,9 @@ def inject_step_error(
         out.append(v)
     return ";".join(map(str, out))
 
-# %% ../nbs/41_dense_credit.ipynb #04c7f75f
-CHAIN_WARM_START = dict(WARM_START, task="arith_chain", max_new_tokens=12)  # the SFT recipe of chapter 05 on chains
+# %% ../nbs/41_dense_credit.ipynb #9599768c
+# the SFT recipe of chapter 05, on chains
+CHAIN_WARM_START = dict(WARM_START, task="arith_chain", max_new_tokens=12)
 
 
 def dense_root() -> Path:  # data/results/dense in a source checkout
@@ -227,11 +232,11 @@ def chain_warm_start(
     task: ArithmeticChain | None = None,  # the task (default ArithmeticChain())
     **overrides,  # TrainConfig values that differ from CHAIN_WARM_START
 ) -> Path:  # folder with the SFT policy on chains
-    "The cached SFT warm start of the tiny model on `ArithmeticChain` (shipped; trains on first use otherwise)."
+    "The cached SFT warm start of the tiny model on `ArithmeticChain` (shipped, or trained once)."
     cfg = TrainConfig(**{**CHAIN_WARM_START, **overrides, "progress": progress})
     key = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "resume", "device")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{cfg.model.replace('/', '_')}-{cfg.task}-{digest}"  # the naming of rlbook.sft.warm_start
+    name = f"{cfg.model.replace('/', '_')}-{cfg.task}-{digest}"  # as rlbook.sft.warm_start names it
     for root in (shipped_root(), dense_root() / "warm_start", cache_root() / "sft"):
         if (root / name / "model" / "config.json").exists():
             return root / name / "model"
@@ -260,14 +265,15 @@ def score_steps(
     beta: float,  # the PRM's beta
     sep: str = ";",  # the text that ends a step
     n_steps: int | None = None,  # columns of the step tensors (default: the most steps of any row)
-) -> dict:  # step_rewards (B, K), ends (B, K), reward (B,) implicit outcome reward, ref_logp (B,) log pi_ref(y)
+) -> dict:  # step_rewards (B, K), ends (B, K), reward (B,), ref_logp (B,) log pi_ref(y)
     "Score fixed answers with an implicit PRM: its outcome reward and the reward of every step."
     device = next(prm.parameters()).device
     enc = encode_pairs(tokenizer, prompts, completions, device=device)
     mask, T = enc["completion_mask"], enc["completion_mask"].shape[1]
     lp = completion_logprobs(prm, enc["input_ids"], enc["attention_mask"], T)["logp"]
     rl = completion_logprobs(ref, enc["input_ids"], enc["attention_mask"], T)["logp"]
-    ends = step_ends(enc["completion_ids"], mask, tokenizer(sep, add_special_tokens=False)["input_ids"], n_steps)
+    sep_ids = tokenizer(sep, add_special_tokens=False)["input_ids"]
+    ends = step_ends(enc["completion_ids"], mask, sep_ids, n_steps)
     return {"step_rewards": step_rewards(implicit_q(lp, rl, mask, beta=beta), ends), "ends": ends,
             "reward": implicit_reward(lp, rl, mask, beta=beta), "ref_logp": (rl * mask).sum(-1)}
 
@@ -282,20 +288,21 @@ def prm_setup(
     cfg,  # the run's TrainConfig (cfg.model: the starting point of the PRM and its reference)
     options: ImplicitPRMConfig | None,  # the method's options
 ) -> dict:  # {'ref': frozen copy of the starting model}
-    "The reference pi_ref, a frozen copy of the model the PRM starts from (and the sampler of its data)."
+    "The reference pi_ref: a frozen copy of the model the PRM starts from (and its data's sampler)."
     policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
     return {"ref": frozen_copy(policy)}
 
 
-def prm_collect(run: Run) -> tuple[dict, dict]:  # batch with 'ref_logp' and the labels 'reward', stats
-    "Sample G answers per prompt from the frozen reference (not from the PRM being trained) and label them."
-    cfg = run.cfg
+def prm_collect(run: Run) -> tuple[dict, dict]:  # batch with 'ref_logp' and labels 'reward'; stats
+    "Sample G answers per prompt from the frozen reference (not from the PRM) and label them."
     if run.ref is None:
-        raise RLBookError("the implicit PRM needs a reference policy: pass train(..., **prm_setup(cfg, options))")
+        raise RLBookError("the implicit PRM needs a reference policy: "
+                          "pass train(..., **prm_setup(cfg, options))")
     batch, stats = collect_rollouts(replace(run, policy=run.ref))
     with torch.no_grad():
-        batch["ref_logp"] = completion_logprobs(run.ref, batch["input_ids"], batch["attention_mask"],
-                                                batch["completion_mask"].shape[1])["logp"]
+        batch["ref_logp"] = completion_logprobs(
+            run.ref, batch["input_ids"], batch["attention_mask"],
+            batch["completion_mask"].shape[1])["logp"]
     return batch, stats
 
 
@@ -303,8 +310,10 @@ def prm_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Forward pass of the PRM and @eq-implicit-ce."
     o = run.options or ImplicitPRMConfig()
     mask = mb["completion_mask"]
-    logp = completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], mask.shape[1])["logp"]
-    return implicit_prm_loss(logp, mb["ref_logp"], mask, mb["reward"], beta=o.prm_beta, n_seqs=mb["n_seqs"])
+    args = (mb["input_ids"], mb["attention_mask"], mask.shape[1])
+    logp = completion_logprobs(run.policy, *args)["logp"]
+    return implicit_prm_loss(logp, mb["ref_logp"], mask, mb["reward"], beta=o.prm_beta,
+                             n_seqs=mb["n_seqs"])
 
 # %% ../nbs/41_dense_credit.ipynb #1d2323a7
 def prime_advantages(
@@ -318,10 +327,10 @@ def prime_advantages(
     gamma: float = 1.0,  # discount of the reward-to-go
     whiten: bool = True,  # normalise over all counted tokens of the batch
 ) -> torch.Tensor:  # (B, T) advantages
-    "PRIME's advantage, @eq-prime-adv: leave-one-out on both reward sources, reward-to-go, whitening."
+    "PRIME's advantage, @eq-prime-adv: leave-one-out on both rewards, reward-to-go, whitening."
     m = mask.float()
     G = group_size
-    seq_avg = (token_reward * m).sum(-1) / m.sum(-1).clamp(min=1)  # (B,) each answer's mean token reward
+    seq_avg = (token_reward * m).sum(-1) / m.sum(-1).clamp(min=1)  # (B,) mean token reward
     group_sum = seq_avg.view(-1, G).sum(-1).repeat_interleave(G)  # (B,)
     process = (token_reward * G / (G - 1) - group_sum[:, None] / (G - 1)) * m  # (B, T)
     outcome_tok = last_token_mask(m) * rloo_advantages(outcome.float(), G)[:, None]  # (B, T)
@@ -333,7 +342,7 @@ def prime_advantages(
 class PRIMEConfig:
     "PRIME: dense implicit process rewards from a PRM updated online with outcome labels."
     prm_beta: float = 0.05  # beta of the implicit PRM's reward beta * log pi_phi / pi_ref
-    process_coef: float = 1.0  # weight of the implicit process rewards in the advantage (0 = outcome-only RLOO)
+    process_coef: float = 1.0  # weight of the implicit process rewards (0 = outcome-only RLOO)
     outcome_coef: float = 1.0  # weight of the verifier's outcome reward in the advantage
     gamma: float = 1.0  # discount of the reward-to-go of the dense rewards
     clip_eps: float = 0.2  # PPO clip range of the policy loss
@@ -344,8 +353,8 @@ class PRIMEConfig:
 def prime_setup(
     cfg,  # the run's TrainConfig
     options: PRIMEConfig | None,  # the method's options
-) -> dict:  # {'ref': frozen pi_ref, 'modules': {'prm': trainable copy}} (no PRM when process_coef == 0)
-    "The reference and the implicit PRM, both copies of the starting policy (PRIME initialises the PRM from the SFT model)."
+) -> dict:  # {'ref': pi_ref, 'modules': {'prm': trainable copy}}; {} when process_coef == 0
+    "The reference and the implicit PRM, both copies of the starting (SFT) policy, as in PRIME."
     o = options or PRIMEConfig()
     if o.prm_beta <= 0 or o.clip_eps <= 0 or not 0 <= o.acc_min <= o.acc_max <= 1:
         raise RLBookError("PRIME needs prm_beta > 0, clip_eps > 0 and 0 <= acc_min <= acc_max <= 1")
@@ -357,13 +366,15 @@ def prime_setup(
 
 
 def prime_collect(run: Run) -> tuple[dict, dict]:  # batch with token advantages 'adv' (B, T), stats
-    "Rollouts, accuracy filter, implicit process rewards from the current PRM, @eq-prime-adv (steps 1-4 of the algorithm)."
+    "Rollouts, accuracy filter, the current PRM's process rewards, @eq-prime-adv (steps 1-4 above)."
     o, cfg = run.options or PRIMEConfig(), run.cfg
     if cfg.temperature <= 0 or cfg.group_size < 2:
-        raise RLBookError("PRIME compares G >= 2 sampled answers per prompt: use temperature > 0 and group_size >= 2")
+        raise RLBookError("PRIME compares G >= 2 sampled answers per prompt: "
+                          "use temperature > 0 and group_size >= 2")
     dense = o.process_coef != 0
     if dense and ("prm" not in run.modules or run.ref is None):
-        raise RLBookError("process_coef != 0 needs the PRM and its reference: pass train(..., **prime_setup(cfg, options))")
+        raise RLBookError("process_coef != 0 needs the PRM and its reference: "
+                          "pass train(..., **prime_setup(cfg, options))")
     batch, stats = collect_rollouts(run)
     G, mask, correct = cfg.group_size, batch["completion_mask"], batch["reward"]
     keep = difficulty_mask(correct, G, drop_zero_std=False, acc_min=o.acc_min, acc_max=o.acc_max)
@@ -374,11 +385,13 @@ def prime_collect(run: Run) -> tuple[dict, dict]:  # batch with token advantages
         args = (batch["input_ids"], batch["attention_mask"], mask.shape[1])
         with torch.no_grad():
             batch["ref_logp"] = completion_logprobs(run.ref, *args)["logp"]
-            prm_logp = completion_logprobs(run.accelerator.unwrap_model(run.modules["prm"]), *args)["logp"]
+            prm = run.accelerator.unwrap_model(run.modules["prm"])
+            prm_logp = completion_logprobs(prm, *args)["logp"]
         token_r = implicit_token_rewards(prm_logp, batch["ref_logp"], mask, beta=o.prm_beta)
         r = token_r.sum(-1)
         k = keep.bool()
-        stats["prm/accuracy"] = ((r > 0) == (correct > 0.5))[k].float().mean().item() if k.any() else float("nan")
+        hit = ((r > 0) == (correct > 0.5))[k].float()
+        stats["prm/accuracy"] = hit.mean().item() if k.any() else float("nan")
     batch["adv"] = prime_advantages(token_r, correct, mask, G, process_coef=o.process_coef,
                                     outcome_coef=o.outcome_coef, gamma=o.gamma)
     stats["frac_kept"] = keep.float().mean().item()
@@ -386,19 +399,21 @@ def prime_collect(run: Run) -> tuple[dict, dict]:  # batch with token advantages
 
 
 def prime_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "PPO-clip policy loss on the token advantages plus the PRM's @eq-implicit-ce on the same answers (step 5)."
+    "PPO-clip loss on the token advantages plus the PRM's @eq-implicit-ce on the same answers."
     o = run.options or PRIMEConfig()
     mask = mb["completion_mask"]
     args = (mb["input_ids"], mb["attention_mask"], mask.shape[1])
     out = completion_logprobs(run.policy, *args, temperature=run.cfg.temperature, with_entropy=True)
     loss, stats = ppo_policy_loss(out["logp"], mb["logp_old"], mb["adv"], mask, clip_eps=o.clip_eps,
-                                  aggregate=token_mean, n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"])
+                                  aggregate=token_mean, n_seqs=mb["n_seqs"],
+                                  n_tokens=mb["n_tokens"])
     stats = {k: stats[k] for k in ("clipfrac", "ratio/mean")}
     stats["entropy"] = token_mean(out["entropy"], mask).item()
     if "prm" in run.modules:
         prm_logp = completion_logprobs(run.modules["prm"], *args)["logp"]
-        prm_loss, prm_stats = implicit_prm_loss(prm_logp, mb["ref_logp"], mask, mb["reward"], beta=o.prm_beta,
-                                                weight=mask.any(-1).float(), n_seqs=mb["n_seqs"])
+        prm_loss, _ = implicit_prm_loss(prm_logp, mb["ref_logp"], mask, mb["reward"],
+                                        beta=o.prm_beta, weight=mask.any(-1).float(),
+                                        n_seqs=mb["n_seqs"])
         loss = loss + prm_loss
         stats["prm/loss"] = prm_loss.item()
     return loss, stats
@@ -410,17 +425,18 @@ def cispo_loss(
     adv: torch.Tensor,  # (B,) or (B, T) advantages
     mask: torch.Tensor,  # (B, T)
     *,
-    cap: float = 5.0,  # upper bound of the detached importance weight (TRL: epsilon_high with loss_type='cispo')
+    cap: float = 5.0,  # upper bound of the detached weight (TRL: epsilon_high, loss_type='cispo')
     is_weight: torch.Tensor | None = None,  # (B, T) sampler correction, @eq-tis (default none)
     aggregate=token_mean,  # aggregation over tokens (MiniMax-M1 and TRL: the token mean)
     n_seqs: int | None = None,  # minibatch normalisers, see rlbook.logprobs
     n_tokens: float | None = None,
     constant: float | None = None,
 ) -> tuple[torch.Tensor, dict]:  # loss, stats ratio/mean, is/truncfrac
-    """CISPO, @eq-cispo: REINFORCE with the clipped importance weight detached, -agg(sg(min(rho, cap)) A log pi).
+    """CISPO, @eq-cispo: REINFORCE with a clipped, detached weight: -agg(sg(min(rho, c)) A log pi).
 
-    Compared with TRL's `GRPOTrainer._compute_loss` (trl/trainer/grpo_trainer.py, lines 3080-3082 at commit
-    f2cd577, `loss_type == "cispo"`): the same per-token loss; `is/truncfrac` is TRL's `cispo_clip_ratio`."""
+    Compared with TRL's `GRPOTrainer._compute_loss` (trl/trainer/grpo_trainer.py, lines 3080-3082
+    at commit f2cd577, `loss_type == "cispo"`): the same per-token loss; `is/truncfrac` is TRL's
+    `cispo_clip_ratio`."""
     ratio = torch.exp(logp - logp_old)
     A = (adv[:, None] if adv.dim() < logp.dim() else adv).to(logp.dtype)
     per_token = -ratio.clamp(max=cap).detach() * A * logp
@@ -449,8 +465,8 @@ def sapo_loss(
 ) -> tuple[torch.Tensor, dict]:  # loss, stats ratio/mean, sapo/weight_mean
     """SAPO, @eq-sapo: a smooth gate (4 / tau) sigmoid(tau (rho - 1)) in place of the hard clip.
 
-    Compared with TRL (trl/trainer/grpo_trainer.py, lines 3092-3095 at commit f2cd577, `loss_type == "sapo"`):
-    the same per-token loss, the temperature chosen by the sign of the advantage."""
+    Compared with TRL (trl/trainer/grpo_trainer.py, lines 3092-3095 at commit f2cd577,
+    `loss_type == "sapo"`): the same per-token loss, tau set by the sign of A."""
     ratio = torch.exp(logp - logp_old)
     A = (adv[:, None] if adv.dim() < logp.dim() else adv).to(logp.dtype)
     tau = torch.where(A > 0, torch.full_like(A, tau_pos), torch.full_like(A, tau_neg))
@@ -461,12 +477,13 @@ def sapo_loss(
     loss = aggregate(per_token, mask, n_seqs=n_seqs, n_tokens=n_tokens, constant=constant)
     with torch.no_grad():  # -d loss_t / d log pi_t / A: the factor SAPO puts where GRPO has 1 or 0
         w = 4 * ratio * gate * (1 - gate)
-        stats = {"ratio/mean": token_mean(ratio, mask).item(), "sapo/weight_mean": token_mean(w, mask).item()}
+        stats = {"ratio/mean": token_mean(ratio, mask).item(),
+                 "sapo/weight_mean": token_mean(w, mask).item()}
     return loss, stats
 
 # %% ../nbs/41_dense_credit.ipynb #df249c23
 def token_truncated_is(
-    logp_old: torch.Tensor,  # (B, T) log pi_old of the trainer (recomputed with the training weights)
+    logp_old: torch.Tensor,  # (B, T) the trainer's log pi_old (recomputed with its weights)
     logp_sampler: torch.Tensor,  # (B, T) log-probs the sampler recorded
     mask: torch.Tensor,  # (B, T)
     *,
@@ -495,7 +512,7 @@ def sequence_truncated_is(
     *,
     cap: float = 2.0,  # C
 ) -> torch.Tensor:  # (B, T) one weight per sequence, broadcast over its tokens
-    "Truncated importance sampling of the whole sequence (TRL's 'sequence_truncate'): min(prod_t ratio_t, C)."
+    "Truncated importance sampling per sequence ('sequence_truncate'): min(prod_t ratio_t, C)."
     s = ((logp_old - logp_sampler) * mask).sum(-1, keepdim=True)
     return torch.exp(s).clamp(max=cap).detach() * mask
 
@@ -525,8 +542,9 @@ def importance_corrected_kl(
 ) -> torch.Tensor:  # (B, T) rho * k, the ratio not detached
     """The KL estimator reweighted to the current policy, @eq-kl-corrected (DeepSeek-V3.2).
 
-    Compared with TRL (trl/trainer/grpo_trainer.py, lines 3069-3076 at commit f2cd577, `use_bias_correction_kl`):
-    TRL multiplies its k3 by `coef_1 = exp(logp - logp_old)`, with the gradient flowing through it, as here."""
+    Compared with TRL (trl/trainer/grpo_trainer.py, lines 3069-3076 at commit f2cd577,
+    `use_bias_correction_kl`): TRL multiplies its k3 by `coef_1 = exp(logp - logp_old)`, with the
+    gradient flowing through it, as here."""
     return torch.exp(logp - logp_old) * kl(logp, ref_logp)
 
 
@@ -534,7 +552,7 @@ def weighted(
     aggregate,  # an aggregation of rlbook.logprobs
     weight: torch.Tensor | None,  # (B, T) per-token weight (None: the aggregation itself)
 ):  # an aggregation with the same signature that multiplies the per-token values by weight first
-    "Apply a per-token weight (an importance correction) inside any aggregation, so chapter 40's losses take it unchanged."
+    "A per-token weight (an importance correction) inside any aggregation, for chapter 40's losses."
     if weight is None:
         return aggregate
     return lambda x, mask, **kw: aggregate(x * weight, mask, **kw)
@@ -546,10 +564,10 @@ class OffPolicyConfig(GRPOConfig):
     cispo_cap: float = 5.0  # CISPO: upper bound of the detached importance weight
     sapo_tau_pos: float = 1.0  # SAPO: gate temperature for positive advantages
     sapo_tau_neg: float = 1.05  # SAPO: gate temperature for non-positive advantages
-    tis_cap: float = 0.0  # importance correction of the sampler-trainer mismatch: the cap C (0 = off)
-    tis_mode: str = "token_truncate"  # 'token_truncate', 'token_mask', 'sequence_truncate', 'sequence_mask'
-    kl_correction: bool = False  # multiply the loss's KL estimate by the ratio (importance-corrected KL)
-    sync_every: int = 1  # the sampler gets the policy's weights every this many steps (1 = on-policy)
+    tis_cap: float = 0.0  # sampler-trainer importance correction: the cap C (0 = off)
+    tis_mode: str = "token_truncate"  # token_truncate, token_mask, sequence_truncate, sequence_mask
+    kl_correction: bool = False  # multiply the loss's KL estimate by the ratio (corrected KL)
+    sync_every: int = 1  # the sampler gets the weights every this many steps (1: on-policy)
 
 
 def check_offpolicy(o: OffPolicyConfig) -> None:
@@ -557,8 +575,10 @@ def check_offpolicy(o: OffPolicyConfig) -> None:
     check_options(o)
     if o.tis_mode not in IS_CORRECTIONS:
         raise RLBookError(f"tis_mode must be one of {sorted(IS_CORRECTIONS)}, got {o.tis_mode!r}")
-    if o.tis_cap < 0 or o.cispo_cap <= 0 or o.sapo_tau_pos <= 0 or o.sapo_tau_neg <= 0 or o.sync_every < 1:
-        raise RLBookError("need tis_cap >= 0, cispo_cap > 0, sapo_tau_pos > 0, sapo_tau_neg > 0, sync_every >= 1")
+    if (o.tis_cap < 0 or o.cispo_cap <= 0 or o.sapo_tau_pos <= 0 or o.sapo_tau_neg <= 0
+            or o.sync_every < 1):
+        raise RLBookError("need tis_cap >= 0, cispo_cap > 0, sapo_tau_pos > 0, sapo_tau_neg > 0 "
+                          "and sync_every >= 1")
 
 
 def offpolicy_setup(
@@ -575,8 +595,8 @@ def offpolicy_setup(
     return out
 
 
-def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # grpo_collect's batch plus 'logp_sampler', 'is_weight'
-    "GRPO's batch, sampled by a sampler that may lag the policy; the trainer's log pi_old and the weights @eq-tis."
+def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # grpo_collect's + logp_sampler, is_weight
+    "GRPO's batch from a sampler that may lag the policy, the trainer's log pi_old, @eq-tis."
     o = run.options or OffPolicyConfig()
     if o.sync_every == 1 and o.tis_cap == 0:
         return grpo_collect(run)
@@ -588,24 +608,29 @@ def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # grpo_collect's batch pl
     batch, stats = grpo_collect(replace(run, policy=sampler))
     mask = batch["completion_mask"]
     with torch.no_grad():
-        logp_old = completion_logprobs(run.model, batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                       temperature=run.cfg.temperature)["logp"] * mask
+        out = completion_logprobs(run.model, batch["input_ids"], batch["attention_mask"],
+                                  mask.shape[1], temperature=run.cfg.temperature)
+        logp_old = out["logp"] * mask
     batch["logp_sampler"], batch["logp_old"] = batch["logp_old"], logp_old
-    stats["kl/sampler"] = token_mean(batch["logp_sampler"] - logp_old, mask).item()  # k1 of KL(sampler || trainer)
+    # k1 estimate of KL(sampler || trainer) on the sampled tokens
+    stats["kl/sampler"] = token_mean(batch["logp_sampler"] - logp_old, mask).item()
     if o.tis_cap > 0:
         w_raw = torch.exp(logp_old - batch["logp_sampler"])
-        batch["is_weight"] = IS_CORRECTIONS[o.tis_mode](logp_old, batch["logp_sampler"], mask, cap=o.tis_cap)
+        correction = IS_CORRECTIONS[o.tis_mode]
+        batch["is_weight"] = correction(logp_old, batch["logp_sampler"], mask, cap=o.tis_cap)
         stats["is/weight_mean"] = token_mean(batch["is_weight"], mask).item()
         stats["is/truncfrac"] = token_mean((w_raw > o.tis_cap).float(), mask).item()
     return batch, stats
 
 
-def _kl_term(o: OffPolicyConfig, logp: torch.Tensor, mb: dict, agg, kw: dict) -> tuple:  # (loss term, stats)
+def _kl_term(o: OffPolicyConfig, logp: torch.Tensor, mb: dict, agg, kw: dict) -> tuple:
     if mb.get("ref_logp") is None:
         return 0.0, {}
     est = KL_ESTIMATORS[o.kl_estimator]
-    kl_tok = importance_corrected_kl(logp, mb["ref_logp"], mb["logp_old"], kl=est) if o.kl_correction \
-        else est(logp, mb["ref_logp"])
+    if o.kl_correction:
+        kl_tok = importance_corrected_kl(logp, mb["ref_logp"], mb["logp_old"], kl=est)
+    else:
+        kl_tok = est(logp, mb["ref_logp"])
     term = o.beta * agg(kl_tok, mb["completion_mask"], **kw) if not o.kl_in_reward else 0.0
     return term, {"kl/ref": token_mean(kl_tok.detach(), mb["completion_mask"]).item()}
 
@@ -625,8 +650,9 @@ def _offpolicy_step(run: Run, mb: dict, surrogate) -> tuple[torch.Tensor, dict]:
 
 
 def _grpo_surrogate(o, logp, mb, agg, kw):
-    return grpo_loss(logp, mb["logp_old"], mb["adv"], mb["completion_mask"], clip_eps_low=o.clip_eps_low,
-                     clip_eps_high=o.clip_eps_high, ratio_fn=RATIOS[o.ratio_level],
+    return grpo_loss(logp, mb["logp_old"], mb["adv"], mb["completion_mask"],
+                     clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high,
+                     ratio_fn=RATIOS[o.ratio_level],
                      aggregate=weighted(agg, mb.get("is_weight")), **kw)
 
 
@@ -641,7 +667,7 @@ def _sapo_surrogate(o, logp, mb, agg, kw):
 
 
 def grpo_is_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "GRPO's @eq-grpo-loss with the sampler correction @eq-tis and the optional corrected KL @eq-kl-corrected."
+    "GRPO's @eq-grpo-loss with the sampler correction @eq-tis and the optional @eq-kl-corrected."
     return _offpolicy_step(run, mb, _grpo_surrogate)
 
 
@@ -655,25 +681,25 @@ def sapo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     return _offpolicy_step(run, mb, _sapo_surrogate)
 
 # %% ../nbs/41_dense_credit.ipynb #4fe07823
-CHAIN_DEFAULTS = dict(RL_DEFAULTS, max_new_tokens=12)  # chapter 40's RL defaults, with room for three steps
+CHAIN_DEFAULTS = dict(RL_DEFAULTS, max_new_tokens=12)  # chapter 40's, with room for three steps
 
 PRIME = Method(
-    name="prime", collect=prime_collect, loss=prime_step, setup=prime_setup, defaults=dict(CHAIN_DEFAULTS),
-    options=PRIMEConfig(),
-    help="PRIME: implicit PRM updated online from outcome labels; dense + outcome RLOO advantages, PPO clip")
+    name="prime", collect=prime_collect, loss=prime_step, setup=prime_setup,
+    defaults=dict(CHAIN_DEFAULTS), options=PRIMEConfig(),
+    help="PRIME: implicit PRM updated online from outcome labels; dense + outcome RLOO advantages")
 IMPLICIT_PRM = Method(
     name="implicit_prm", collect=prm_collect, loss=prm_step, setup=prm_setup,
     defaults=dict(CHAIN_DEFAULTS, steps=150, lr=1e-4), options=ImplicitPRMConfig(),
-    help="implicit PRM: train beta log pi/pi_ref as an outcome classifier on the starting model's samples")
+    help="implicit PRM: beta log pi/pi_ref fitted as an outcome classifier on the start's samples")
 CISPO = Method(
-    name="cispo", collect=offpolicy_collect, loss=cispo_step, setup=offpolicy_setup, defaults=dict(CHAIN_DEFAULTS),
-    options=OffPolicyConfig(beta=0.0, aggregation="token_mean"),
-    help="CISPO: clipped, detached importance weight on a REINFORCE loss (no token loses its gradient)")
+    name="cispo", collect=offpolicy_collect, loss=cispo_step, setup=offpolicy_setup,
+    defaults=dict(CHAIN_DEFAULTS), options=OffPolicyConfig(beta=0.0, aggregation="token_mean"),
+    help="CISPO: clipped, detached weight on a REINFORCE loss (no token loses its gradient)")
 SAPO = Method(
-    name="sapo", collect=offpolicy_collect, loss=sapo_step, setup=offpolicy_setup, defaults=dict(CHAIN_DEFAULTS),
-    options=OffPolicyConfig(beta=0.0, aggregation="seq_mean"),
+    name="sapo", collect=offpolicy_collect, loss=sapo_step, setup=offpolicy_setup,
+    defaults=dict(CHAIN_DEFAULTS), options=OffPolicyConfig(beta=0.0, aggregation="seq_mean"),
     help="SAPO: a smooth sigmoid gate of the ratio instead of the hard clip")
 GRPO_TIS = Method(
     name="grpo_tis", collect=offpolicy_collect, loss=grpo_is_step, setup=offpolicy_setup,
     defaults=dict(CHAIN_DEFAULTS), options=OffPolicyConfig(beta=0.0, tis_cap=2.0),
-    help="GRPO with truncated importance sampling for a stale or mismatched sampler (--tis-cap, --sync-every)")
+    help="GRPO with truncated importance sampling of a stale sampler (--tis-cap, --sync-every)")
