@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .classroom import build as build_student_editions, check as check_exercises, list_exercises
+from .dense_credit import CISPO, GRPO_TIS, IMPLICIT_PRM, PRIME, SAPO
 from .dpo import CDPO, DPO, FDPO, IPO, KTO, RDPO, RPO, SIMPO
 from .entropy import GRPO_ENTROPY
 from .grpo import DAPO, DR_GRPO, GRPO, GSPO, LITE_PPO, NFT
@@ -44,6 +45,7 @@ METHODS = {m.name: m for m in (
     DPO, IPO, CDPO, RDPO, SIMPO, FDPO, RPO, KTO,  # 30 DPO and the direct-alignment family
     ONLINE_DPO, XPO, SPIN, HYPO,  # 31 online and iterative DPO
     NASH_MD, INPO, SPPO, DNO,  # 51 Nash learning from general preferences
+    PRIME, IMPLICIT_PRM, CISPO, SAPO, GRPO_TIS,  # 41 dense credit and the newer GRPO losses
     GRPO_ENTROPY,  # 60 entropy control (--entropy-control)
 )}
 DEFAULT_METHOD = next(iter(METHODS))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .logprobs import completion_logprobs
 from .models import RLBookError, frozen_copy, load_policy
 from .rollout import encode_pairs, evaluate, generate, model_context
-from .tasks import BradleyTerryOracle, Example, Task, get_task
+from .tasks import BradleyTerryOracle, Task, get_task
 from .train import Method, Run, shard, step_seed
 
 # %% ../nbs/30_dpo.ipynb #94feae76
@@ -676,7 +676,7 @@ def dpo_setup(
 
 
 def simpo_setup(cfg, options: DPOConfig | None) -> dict:  # {'task': PreferenceTask}: SimPO keeps no reference
-    "dpo_setup without the reference model (one model in memory, PITFALLS §6)."
+    "dpo_setup without the reference model (one model in memory, Pitfalls §6)."
     kw = dpo_setup(cfg, options)
     kw.pop("ref")
     return kw

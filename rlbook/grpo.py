@@ -9,7 +9,6 @@ __all__ = ['ADV_SCALES', 'RATIOS', 'RL_DEFAULTS', 'GRPO', 'DR_GRPO', 'DAPO', 'LI
            'grpo_collect', 'grpo_step', 'nft_step']
 
 # %% ../nbs/40_grpo.ipynb #d4b7a194
-import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +48,7 @@ ADV_SCALES = {"group": group_std, "batch": batch_std, "none": no_std}
 def zero_std_groups(
     reward: torch.Tensor,  # (B,)
     group_size: int,  # G
-    tol: float = 1e-6,  # rewards closer than this count as equal (float noise, PITFALLS §4)
+    tol: float = 1e-6,  # rewards closer than this count as equal (float noise, Pitfalls §4)
 ) -> torch.Tensor:  # (B,) bool: the row's group has (numerically) identical rewards
     "Rows whose group carries no learning signal under @eq-grpo-adv."
     r = reward.view(-1, group_size)

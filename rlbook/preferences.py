@@ -9,7 +9,6 @@ __all__ = ['check_preference_matrix', 'Game', 'transitive_game', 'rock_paper_sci
            'preference_game_summary', 'plot_preference_game', 'explore_preference_game']
 
 # %% ../nbs/50_preferences.ipynb #15c9fc3c
-import math
 from dataclasses import dataclass
 
 import torch

@@ -11,7 +11,6 @@ __all__ = ['PG_DEFAULTS', 'REINFORCE', 'RLOO', 'REMAX', 'REINFORCE_PP', 'score_f
            'reference_kl', 'pg_collect', 'pg_step', 'pg_setup', 'gradient_draws']
 
 # %% ../nbs/11_reinforce.ipynb #b873fb3e
-import math
 from dataclasses import dataclass
 from functools import partial
 

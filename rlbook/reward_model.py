@@ -5,7 +5,6 @@
 # %% ../nbs/20_reward_models.ipynb #90b42c1e
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -15,7 +15,6 @@ from .logprobs import completion_logprobs, kl_k3, position_ids_from_mask, token_
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
 from .ppo import gae_advantages, masked_whiten, ppo_policy_loss, token_rewards, value_loss
 from .reward_model import GOLDS, RewardModel, ensemble_reward, load_reward_model
-from .rollout import generate
 from .train import Method, Run, collect_rollouts
 
 # %% auto #0

@@ -78,7 +78,7 @@ def encode_prompts(
     prompts: list,  # prompt strings (already chat-formatted if the model needs it)
     device,  # where the tensors go
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids (B, P), mask (B, P)
-    "Left-padded prompt ids. No special tokens are added: chat templates already contain them (duplicated BOS, PITFALLS §5)."
+    "Left-padded prompt ids. No special tokens are added: chat templates already contain them (duplicated BOS, Pitfalls §5)."
     if tokenizer.padding_side != "left":
         raise RLBookError("prompts must be left-padded for batched generation: set tokenizer.padding_side = 'left'")
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)

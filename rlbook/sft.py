@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from .logprobs import completion_logprobs, token_mean
-from .models import load_policy
 from .rollout import encode_pairs
 from .train import Method, Run, TrainConfig, shard, step_seed, train
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .models import RLBookError, load_policy, seed_everything
 from .rollout import evaluate, generate
-from .tasks import get_task
+from .tasks import checked_reward, get_task
 
 # %% ../nbs/04_train.ipynb #9edfd289
 @dataclass
@@ -246,18 +246,9 @@ def score(
     examples: list,  # one Example per completion
     completions: list,  # completion strings
 ) -> torch.Tensor:  # (B,) float32 rewards
-    "Rewards of completions; a raising or non-finite reward becomes an RLBookError naming the prompt."
-    out = []
-    for ex, c in zip(examples, completions):
-        try:
-            r = float(task.reward(ex, c))
-        except Exception as e:  # a user-supplied reward function failed
-            raise RLBookError(f"the reward function raised {type(e).__name__}: {e} "
-                              f"on prompt {ex.prompt!r} with completion {c!r}") from e
-        if not math.isfinite(r):
-            raise RLBookError(f"the reward function returned {r} on prompt {ex.prompt!r} with completion {c!r}")
-        out.append(r)
-    return torch.tensor(out, dtype=torch.float32)
+    "Rewards of completions through `checked_reward` (chapter 01): the same clear error as in evaluation."
+    return torch.tensor([checked_reward(task, ex, c) for ex, c in zip(examples, completions)],
+                        dtype=torch.float32)
 
 
 def collect_rollouts(

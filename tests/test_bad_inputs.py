@@ -365,8 +365,8 @@ def test_load_policy_refuses_folders(name, needle, folders):
 
 
 def test_corpus_size():
-    "The corpus tries at least 150 (bad input, entry point) pairs: a reward is tried through checked_reward and
-    evaluate, a non-causal folder through train and eval; the subprocess cases repeat in-process ones."
+    """The corpus tries at least 150 (bad input, entry point) pairs: a reward is tried through checked_reward and
+    evaluate, a non-causal folder through train and eval; the subprocess cases repeat in-process ones."""
     n = (len(TRAIN) + 2 * len(CONFIGS) + len(OTHER) + len(SUBPROCESS) + len(GENERATE) + 2 * len(REWARDS)
          + len(API) + len(MODEL_FOLDERS))
     assert n >= 150, n

@@ -106,7 +106,7 @@ def test_cli_exercises():
         assert main(["exercises", "check", "10", "--notebook", "no/such/file.ipynb"]) == 2
     assert "not attempted" in out.getvalue() and "10_objective: 0 of" in out.getvalue()
     lines = err.getvalue().splitlines()
-    assert len(lines) == 2 and all(l.startswith("error: ") for l in lines) and "Traceback" not in err.getvalue()
+    assert len(lines) == 2 and all(l.startswith("rlbook: error: ") for l in lines) and "Traceback" not in err.getvalue()
     assert "unknown chapter" in lines[0] and "no such file" in lines[1]
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlbook.dpo import (CDPO, DPO, F_DIVERGENCES, FDPO, IPO, KTO, RDPO, RPO, SIMPO, DPOConfig, PreferenceTask,
-                        TaskGold, alpha_fprime, cdpo_loss, dpo_loss, encode_preferences, epoch_indices, fdpo_loss,
+from rlbook.dpo import (CDPO, DPO, F_DIVERGENCES, FDPO, IPO, KTO, RDPO, RPO, SIMPO, DPOConfig, cdpo_loss, dpo_loss, encode_preferences, epoch_indices, fdpo_loss,
                         fit_population, gold_oracle, ipo_loss, kto_loss, kto_reference_point, make_preference_pairs,
                         pair_logprobs, pair_margin, population_pair_loss, rdpo_loss, read_pairs, rpo_loss,
                         simpo_loss, validate_pairs)

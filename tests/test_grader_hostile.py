@@ -2,14 +2,13 @@
 `correct`; the files outside the worker's scratch folder are untouched; the true solution is still correct."""
 import contextlib
 import io
-import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from rlbook.classroom import ROOT, check, grade
+from rlbook.classroom import ROOT, check
 
 CHAPTER = "10_objective"  # two exercises: optimal_value and beta_for_kl
 TIMEOUT = 3.0  # seconds of the student's code per exercise, in these tests

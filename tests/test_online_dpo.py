@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlbook.dpo import DPOConfig, TaskGold, dpo_loss, fit_population
+from rlbook.dpo import TaskGold, dpo_loss, fit_population
 from rlbook.models import RLBookError
 from rlbook.objective import categorical_kl, optimal_policy
 from rlbook.online_dpo import (HYPO, ONLINE_DPO, SPIN, XPO, OnlineDPOConfig, label_rollout_pairs, online_kl_loss,

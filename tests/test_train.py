@@ -55,7 +55,6 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world 2" in two.stdout and "world 1" in one.stdout
     w1, w2 = torch.load(tmp_path / "one" / "weights.pt"), torch.load(tmp_path / "two" / "weights.pt")
-    init = torch.load(tmp_path / "one" / "weights.pt")  # same keys
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert diff < 1e-6, diff
     # and the update was not trivially zero: compare with a fresh initialisation
