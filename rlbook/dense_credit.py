@@ -13,14 +13,12 @@ __all__ = ['CHAIN_OPS', 'CHAIN_WARM_START', 'IS_CORRECTIONS', 'CHAIN_DEFAULTS', 
            'offpolicy_setup', 'offpolicy_collect', 'grpo_is_step', 'cispo_step', 'sapo_step']
 
 # %% ../nbs/41_dense_credit.ipynb #3b393379
-import hashlib
-import json
 import operator
 import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ from .models import RLBookError, frozen_copy, load_policy
 from .ppo import last_token_mask, ppo_policy_loss
 from .reinforce import discounted_returns, masked_whiten, rloo_advantages
 from .rollout import encode_pairs
-from .sft import SFT, WARM_START, cache_root, shipped_root
+from .sft import SFT, WARM_START, cache_root, shipped_root, warm_start_name
 from .tasks import Example, NumericTask
 from .train import Method, Run, TrainConfig, collect_rollouts, train
 
@@ -234,9 +232,7 @@ def chain_warm_start(
 ) -> Path:  # folder with the SFT policy on chains
     "The cached SFT warm start of the tiny model on `ArithmeticChain` (shipped, or trained once)."
     cfg = TrainConfig(**{**CHAIN_WARM_START, **overrides, "progress": progress})
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "resume", "device")}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{cfg.model.replace('/', '_')}-{cfg.task}-{digest}"  # as rlbook.sft.warm_start names it
+    name = warm_start_name(cfg)  # as rlbook.sft.warm_start names it
     for root in (shipped_root(), dense_root() / "warm_start", cache_root() / "sft"):
         if (root / name / "model" / "config.json").exists():
             return root / name / "model"
