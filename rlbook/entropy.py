@@ -256,6 +256,10 @@ class EntropyConfig(GRPOConfig):
     kl_cov_coef: float = 1.0  # kl_cov: coefficient of the |log ratio| penalty on them
     high_entropy_frac: float = 0.2  # high_entropy: fraction of tokens (highest entropy) that receive the policy gradient
 
+    def check(self) -> None:
+        "RLBookError for an unknown control or a coefficient out of range (see `check_entropy_options`)."
+        check_entropy_options(self)
+
 
 def check_entropy_options(o: EntropyConfig) -> None:
     "RLBookError for an unknown entropy_control or an out-of-range coefficient (then GRPO's own checks)."

@@ -212,6 +212,16 @@ class PreferenceConfig:
     oracle_strength: float = 0.3  # CyclicOracle strength s: P(a ≻ b) = 1/2 ± s by len(completion) % 3
     soft_labels: bool = True  # use the oracle's probability P(y ≻ y') rather than a sampled 0/1 label
 
+    def check(self) -> None:
+        "RLBookError for a coefficient out of range (`not x > 0` also refuses NaN)."
+        if not self.beta > 0:
+            raise RLBookError(f"beta={self.beta} must be > 0: it is the KL strength of the target game")
+        if not self.eta > 0:
+            raise RLBookError(f"eta={self.eta} must be > 0: it is the step size of one iteration")
+        if not 0 <= self.oracle_strength <= 0.5:
+            raise RLBookError(f"oracle_strength={self.oracle_strength} must be in [0, 0.5]: "
+                              "P(a > b) = 1/2 +- oracle_strength is a probability")
+
 
 @dataclass
 class NashMDConfig(PreferenceConfig):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dpo import (DPOConfig, PreferenceTask, TaskGold, check_dpo_options, dpo_loss, dpo_setup, encode_preferences,
+from .dpo import (DPOConfig, PreferenceTask, TaskGold, dpo_loss, dpo_setup, encode_preferences,
                         epoch_indices, pair_logprobs)
 from .models import RLBookError, frozen_copy, load_policy
 from .rollout import generate
@@ -87,6 +87,12 @@ class OnlineDPOConfig(DPOConfig):
     online_kl: float = 0.0  # HyPO: weight of the KL on the policy's own samples
     ref_sync_every: int = 0  # iterative DPO / SPIN: copy the policy into the reference every this many steps (0 = never)
 
+    def check(self) -> None:
+        "DPO's checks, then the online terms' signs."
+        super().check()
+        if not (self.ref_sync_every >= 0 and self.xpo_alpha >= 0 and self.online_kl >= 0):
+            raise RLBookError("ref_sync_every, xpo_alpha and online_kl must be >= 0")
+
 
 def online_setup(
     cfg,  # the run's TrainConfig
@@ -94,9 +100,7 @@ def online_setup(
 ) -> dict:  # {'ref': frozen copy of the starting policy}
     "The reference policy (no dataset: online methods sample their own pairs)."
     o = options or OnlineDPOConfig()
-    check_dpo_options(o)
-    if o.ref_sync_every < 0 or o.xpo_alpha < 0 or o.online_kl < 0:
-        raise RLBookError("ref_sync_every, xpo_alpha and online_kl must be >= 0")
+    o.check()
     policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
     return {"ref": frozen_copy(policy)}
 

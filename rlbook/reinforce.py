@@ -257,6 +257,16 @@ class PGConfig:
     normalize: bool = False  # whiten advantages over all tokens of the batch (REINFORCE++)
     gamma: float = 1.0  # discount of the per-token reward-to-go (REINFORCE++)
 
+    def check(self) -> None:
+        "RLBookError for an unknown switch or a coefficient out of range (`not x >= 0` also refuses NaN)."
+        for name, table in (("kl_estimator", KL_ESTIMATORS), ("aggregation", AGGREGATIONS)):
+            if getattr(self, name) not in table:
+                raise RLBookError(f"{name} must be one of {sorted(table)}, got {getattr(self, name)!r}")
+        if not self.beta >= 0:
+            raise RLBookError(f"beta={self.beta} must be >= 0: it is the weight of the KL penalty in the reward")
+        if not 0 < self.gamma <= 1:
+            raise RLBookError(f"gamma={self.gamma} must be in (0, 1]: it discounts the reward-to-go")
+
 
 def kl_penalised_reward(
     reward: torch.Tensor,  # (B,) task rewards

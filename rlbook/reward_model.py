@@ -180,6 +180,19 @@ class RMConfig:
     pair_temperature: float = 1.0  # sampling temperature of the policy that writes the pairs
     eval_pairs: int = 300  # held-out pairs for eval/accuracy
 
+    def check(self) -> None:
+        "RLBookError for an unknown gold or a coefficient out of range (`not x > 0` also refuses NaN)."
+        if not 0 <= self.label_noise <= 0.5:
+            raise RLBookError(f"label_noise must be in [0, 0.5], got {self.label_noise}")
+        if self.gold not in GOLDS:
+            raise RLBookError(f"gold must be one of {sorted(GOLDS)}, got {self.gold!r}")
+        bad = [need for need, ok in (("oracle_beta > 0", self.oracle_beta > 0),
+            ("0 <= label_smoothing <= 0.5", 0 <= self.label_smoothing <= 0.5),
+            ("center_coef >= 0", self.center_coef >= 0), ("pair_temperature > 0", self.pair_temperature > 0),
+            ("eval_pairs >= 1", self.eval_pairs >= 1)) if not ok]
+        if bad:
+            raise RLBookError("reward-model options out of range: need " + "; ".join(bad))
+
 
 def make_oracle(o: RMConfig) -> BradleyTerryOracle:
     "The simulated annotator of the addition experiments."
@@ -241,10 +254,7 @@ def rm_setup(
 ) -> dict:  # train() keyword arguments: frozen policy, tokenizer, modules={'rm': RewardModel}, evaluate_fn
     "A frozen policy that writes the pairs and a trainable reward model on a copy of the same weights."
     o = options or RMConfig()
-    if not 0 <= o.label_noise <= 0.5:
-        raise RLBookError(f"label_noise must be in [0, 0.5], got {o.label_noise}")
-    if o.gold not in GOLDS:
-        raise RLBookError(f"gold must be one of {sorted(GOLDS)}, got {o.gold!r}")
+    o.check()
     policy, tok = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
     with torch.random.fork_rng(devices=[]):  # the head's initialisation depends on the seed only
         torch.manual_seed(cfg.seed)

@@ -41,6 +41,10 @@ class PPOConfig:
     uncertainty_coef: float = 1.0  # lambda of 'uwo'
     gold: str = ""  # also log gold/mean with this gold of rlbook.reward_model.GOLDS ('mean_digit', 'addition'); '' = off
 
+    def check(self) -> None:
+        "RLBookError for a bad switch or coefficient (see `check_ppo_options`)."
+        check_ppo_options(self)
+
 
 def check_ppo_options(o: PPOConfig) -> None:
     "RLBookError for a bad switch."
@@ -48,8 +52,13 @@ def check_ppo_options(o: PPOConfig) -> None:
         raise RLBookError(f"critic_init must be 'policy' or 'reward', got {o.critic_init!r}")
     if o.ensemble not in ("mean", "min", "uwo"):
         raise RLBookError(f"ensemble must be 'mean', 'min' or 'uwo', got {o.ensemble!r}")
-    if o.beta < 0 or o.clip_eps <= 0 or o.vf_clip < 0 or not 0 <= o.lam <= 1:
-        raise RLBookError("need beta >= 0, clip_eps > 0, vf_clip >= 0 and 0 <= lam <= 1")
+    bad = [need for need, ok in (
+        ("beta >= 0", o.beta >= 0), ("clip_eps > 0", o.clip_eps > 0), ("vf_clip >= 0", o.vf_clip >= 0),
+        ("0 <= lam <= 1", 0 <= o.lam <= 1), ("0 <= gamma <= 1", 0 <= o.gamma <= 1),
+        ("vf_coef >= 0", o.vf_coef >= 0), ("uncertainty_coef >= 0", o.uncertainty_coef >= 0),
+        ("missing_eos_penalty >= 0", o.missing_eos_penalty >= 0)) if not ok]
+    if bad:
+        raise RLBookError("PPO options out of range: need " + "; ".join(bad))
     if o.gold and o.gold not in GOLDS:
         raise RLBookError(f"gold must be '' or one of {sorted(GOLDS)}, got {o.gold!r}")
     if o.critic_init == "reward" and not o.reward_model:
