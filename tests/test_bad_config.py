@@ -84,7 +84,7 @@ def run_cli(argv):  # (exit status, stderr lines)
 def assert_one_line(rc, lines, name):
     assert rc == 2, (rc, lines)
     assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and name in lines[0], lines[0]
+    assert lines[0].startswith("rlbook: error: ") and name in lines[0], lines[0]
     assert "Traceback" not in lines[0]
 
 
@@ -126,7 +126,7 @@ def test_bad_out_is_one_line_and_loses_nothing(label, tmp_path):
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     extra = ["--resume"] if label == "resume-without-checkpoint" else []
     rc, lines = run_cli(["train", "--out", case[1], *extra, "--no-progress"])
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, lines)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("rlbook: error: "), (rc, lines)
     for text in case[2]:
         assert text in lines[0], lines[0]
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
