@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,7 @@ from .logprobs import completion_logprobs, kl_k3, position_ids_from_mask, token_
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
 from .ppo import gae_advantages, masked_whiten, ppo_policy_loss, token_rewards, value_loss
 from .reward_model import GOLDS, RewardModel, ensemble_reward, load_reward_model
-from .train import Method, Run, collect_rollouts
+from .train import Method, Run, collect_rollouts, find_checkpoint
 
 # %% auto #0
 __all__ = ['PPO_DEFAULTS', 'PPO', 'PPOConfig', 'check_ppo_options', 'critic_from_reward_model', 'ppo_setup', 'sequence_scores',
@@ -63,6 +64,12 @@ def check_ppo_options(o: PPOConfig) -> None:
         raise RLBookError(f"gold must be '' or one of {sorted(GOLDS)}, got {o.gold!r}")
     if o.critic_init == "reward" and not o.reward_model:
         raise RLBookError("critic_init='reward' needs a reward_model")
+    for p in (p.strip() for p in o.reward_model.split(",") if p.strip()):  # before any model is built
+        if not Path(p).is_dir():
+            raise RLBookError(f"--reward-model {p} is not a folder: give the --out folder of a `rlbook train --method rm` run")
+        if find_checkpoint(p, verify=False, quiet=True) is None:
+            raise RLBookError(f"--reward-model {p} holds no usable checkpoint of an `rm` run "
+                              "(train one with `rlbook train --method rm --out FOLDER`)")
 
 # %% ../nbs/21_rlhf.ipynb #79153694
 def critic_from_reward_model(

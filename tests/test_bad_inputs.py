@@ -116,6 +116,8 @@ TRAIN = [
     (["--method", "ppo", "--critic-init", "value"], "--critic-init must be 'policy' or 'reward'"),
     (["--method", "ppo", "--ensemble", "max"], "--ensemble must be 'mean', 'min' or 'uwo'"),
     (["--method", "ppo", "--critic-init", "reward"], "--critic-init='reward' needs a --reward-model"),
+    (["--method", "ppo", "--reward-model", "{D}/no_such_run"], "--reward-model {D}/no_such_run is not a folder"),
+    (["--method", "ppo", "--reward-model", "{D}/empty"], "--reward-model {D}/empty holds no usable checkpoint"),
     (["--method", "ppo", "--vf-coef", "nan"], "--vf-coef must be a finite number"),
     (["--method", "ppo", "--gold", "secret"], "--gold must be '' or one of"),
     (["--method", "rm", "--label-noise", "0.7"], "--label-noise must be in [0, 0.5]"),
