@@ -264,3 +264,16 @@ def test_no_raw_quarto_crossrefs_in_notebooks():
         "raw or stale cross-references: run "
         f"`tools/crossrefs.py {' '.join('nbs/' + s for s in stale)}`"
     )
+
+
+def test_every_stored_figure_has_a_caption_in_words():
+    "A code cell whose stored output is an image carries `#| fig-cap:` with a sentence (Quarto and the site show it)."
+    missing = []
+    for nb in NBS:
+        for c in json.loads(nb.read_text())["cells"]:
+            if c["cell_type"] != "code" or not any("image/png" in o.get("data", {}) for o in c.get("outputs", [])):
+                continue
+            cap = re.search(r"^#\|\s*fig-cap:\s*(.+)$", "".join(c["source"]), re.M)
+            if not cap or len(cap.group(1).split()) < 8:
+                missing.append(f"{nb.name} cell {c.get('id')}")
+    assert not missing, "figures without a caption in words: " + ", ".join(missing)
