@@ -31,7 +31,7 @@ from .reinforce import REINFORCE, REINFORCE_PP, REMAX, RLOO
 from .reward_model import REWARD_MODEL
 from .rlhf import PPO
 from .rollout import evaluate
-from .sft import SFT, warm_start
+from .sft import SFT, TASK_WARM_STARTS, warm_start
 from .tasks import TASKS, get_task
 from .train import TrainConfig, check_config, read_metrics, train
 
@@ -66,7 +66,11 @@ def option_owners(name: str) -> list:  # names of the methods whose options have
 
 def resolve_model(name: str, task: str, progress: bool = True) -> str:  # a name load_policy understands
     "'tiny-sft' means the cached SFT warm start of the tiny model on the task; other names pass through."
-    return str(warm_start(task=task, progress=progress)) if name == "tiny-sft" else name
+    if name != "tiny-sft":
+        return name
+    if task in TASK_WARM_STARTS:  # a chapter's own recipe for its task
+        return str(TASK_WARM_STARTS[task](progress=progress))
+    return str(warm_start(task=task, progress=progress))
 
 
 class ArgumentParser(argparse.ArgumentParser):

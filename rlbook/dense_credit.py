@@ -32,8 +32,8 @@ from .models import RLBookError, frozen_copy, load_policy
 from .ppo import last_token_mask, ppo_policy_loss
 from .reinforce import discounted_returns, masked_whiten, rloo_advantages
 from .rollout import encode_pairs
-from .sft import SFT, WARM_START, cache_root, shipped_root, warm_start_name
-from .tasks import Example, NumericTask
+from .sft import SFT, TASK_WARM_STARTS, WARM_START, cache_root, shipped_root, warm_start_name
+from .tasks import Example, NumericTask, register_task
 from .train import Method, Run, TrainConfig, collect_rollouts, train
 
 # %% ../nbs/41_dense_credit.ipynb #7baacf4a
@@ -216,6 +216,9 @@ def inject_step_error(
         out.append(v)
     return ";".join(map(str, out))
 
+
+register_task("arith_chain", ArithmeticChain)  # `get_task("arith_chain")` and `rlbook train --task arith_chain`
+
 # %% ../nbs/41_dense_credit.ipynb #9599768c
 # the SFT recipe of chapter 05, on chains
 CHAIN_WARM_START = dict(WARM_START, task="arith_chain", max_new_tokens=12)
@@ -248,6 +251,9 @@ def chain_warm_start(
     else:
         tmp.rename(final)
     return final / "model"
+
+
+TASK_WARM_STARTS["arith_chain"] = chain_warm_start  # `rlbook train --task arith_chain` starts here
 
 # %% ../nbs/41_dense_credit.ipynb #21aa77d4
 @torch.no_grad()
@@ -677,7 +683,7 @@ def sapo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     return _offpolicy_step(run, mb, _sapo_surrogate)
 
 # %% ../nbs/41_dense_credit.ipynb #4fe07823
-CHAIN_DEFAULTS = dict(RL_DEFAULTS, max_new_tokens=12)  # chapter 40's, with room for three steps
+CHAIN_DEFAULTS = dict(RL_DEFAULTS, task="arith_chain", max_new_tokens=12)  # chapter 40's, on chains, with room for three steps
 
 PRIME = Method(
     name="prime", collect=prime_collect, loss=prime_step, setup=prime_setup,

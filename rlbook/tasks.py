@@ -6,8 +6,8 @@
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
            'check_split', 'Task', 'checked_reward', 'extract_answer', 'answers_match', 'NumericTask', 'Addition',
            'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'Reverse',
-           'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'PreferenceOracle', 'BradleyTerryOracle',
-           'length_class', 'CyclicOracle', 'preference_matrix']
+           'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'register_task', 'PreferenceOracle',
+           'BradleyTerryOracle', 'length_class', 'CyclicOracle', 'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
 import ast
@@ -665,6 +665,20 @@ def get_task(
         return TASKS[name](**kwargs)
     except TypeError as err:
         raise RLBookError(f"bad arguments for task {name!r}: {err}") from err
+
+
+def register_task(
+    name: str,  # the name `get_task` and `rlbook train --task` will know it by
+    constructor: Callable[..., Task],  # a Task subclass (or a function returning a Task), called with the knobs
+) -> None:
+    "Add a task to `TASKS`, as gymnasium's `register` adds an environment; a later chapter's task registers itself."
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][\w-]*", name):
+        raise RLBookError(f"a task name must be a word of letters, digits, '_' or '-', got {name!r}")
+    if not callable(constructor):
+        raise RLBookError(f"task {name!r}: the constructor must be callable, got {type(constructor).__name__}")
+    if TASKS.get(name, constructor) is not constructor:
+        raise RLBookError(f"task {name!r} is already registered (as {TASKS[name].__name__}); choose another name")
+    TASKS[name] = constructor
 
 # %% ../nbs/01_tasks.ipynb #d16bebf7
 def _uniform(generator) -> float:

@@ -630,3 +630,14 @@ def test_implicit_prm_learns_to_locate_injected_errors(tmp_path):
         (first_error_guess(s["step_rewards"], s["ends"]) == torch.tensor(ks)).float().mean().item()
     )
     assert acc > 0.6, acc
+
+
+def test_chains_are_a_task_of_the_command_line():
+    "arith_chain is registered: get_task, --task and --model tiny-sft (the chapter's own warm start) know it."
+    from rlbook.cli import check_task_name, resolve_model
+    from rlbook.dense_credit import CISPO, PRIME, ArithmeticChain, chain_warm_start
+    from rlbook.tasks import get_task
+    assert type(get_task("arith_chain", n_steps=2)) is ArithmeticChain
+    check_task_name("arith_chain")  # no error
+    assert PRIME.config().task == "arith_chain" and CISPO.config().task == "arith_chain"
+    assert resolve_model("tiny-sft", "arith_chain", progress=False) == str(chain_warm_start(progress=False))
