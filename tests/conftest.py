@@ -19,6 +19,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one thread each
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: minutes of CPU; run with --slow or RLBOOK_SLOW=1")
 
 
