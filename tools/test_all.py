@@ -4,10 +4,11 @@
 1. `nbdev_export` and `nbdev_clean` leave no diff: rlbook/ is the notebooks' export, notebooks are clean.
 2. README.md is nbs/index.ipynb rendered (tools/make_readme.py).
 3. ruff (pyflakes rules: unused imports and variables, undefined names) over rlbook/, tests/, tools/.
-4. pytest on tests/.
+4. pytest on tests/ (over two cores with pytest-xdist where there are two).
 5. nbdev's notebook tests (cells flagged slow or gpu are skipped, settings.ini `tst_flags`).
 Options: --fast skips the notebook tests; extra arguments after `--` go to pytest.
 """
+import importlib.util
 import os
 import re
 import subprocess
@@ -55,7 +56,10 @@ def main(argv):
          "" if lint.returncode == 0 else (lint.stdout + lint.stderr).strip()[-3000:])
 
     print("\n== pytest tests/ ==", flush=True)
-    py = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", *extra],
+    # pytest-xdist spreads the tests over the cores (many of them wait on a subprocess); one thread per worker
+    workers = min(2, os.cpu_count() or 1) if importlib.util.find_spec("xdist") else 1
+    par = ["-n", str(workers)] if workers > 1 and not any(a.startswith("-n") for a in extra) else []
+    py = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *par, "tests", *extra],
                         cwd=ROOT, capture_output=True, text=True)
     print(py.stdout[-6000:] + py.stderr[-3000:], flush=True)
     m = re.search(r"(\d+) passed", py.stdout)
