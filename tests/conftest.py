@@ -26,6 +26,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow") or os.environ.get("RLBOOK_SLOW") == "1":
+        # the long tests first, so that pytest-xdist's workers share them instead of one finishing them alone
+        items.sort(key=lambda item: "slow" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="slow: run with --slow or RLBOOK_SLOW=1")
     for item in items:

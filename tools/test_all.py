@@ -58,7 +58,8 @@ def main(argv):
     print("\n== pytest tests/ ==", flush=True)
     # pytest-xdist spreads the tests over the cores (many of them wait on a subprocess); one thread per worker
     workers = min(2, os.cpu_count() or 1) if importlib.util.find_spec("xdist") else 1
-    par = ["-n", str(workers)] if workers > 1 and not any(a.startswith("-n") for a in extra) else []
+    par = (["-n", str(workers), "--dist", "worksteal"] if workers > 1 and not any(a.startswith("-n") for a in extra)
+           else [])
     py = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *par, "tests", *extra],
                         cwd=ROOT, capture_output=True, text=True)
     print(py.stdout[-6000:] + py.stderr[-3000:], flush=True)
