@@ -25,7 +25,7 @@ from .logprobs import completion_logprobs
 from .models import RLBookError, frozen_copy, load_policy
 from .rollout import encode_pairs, evaluate, generate, model_context
 from .tasks import BradleyTerryOracle, Task, get_task
-from .train import Method, Run, shard, step_seed
+from .train import Method, Run, shard, step_seed, write_atomic
 
 # %% ../nbs/30_dpo.ipynb #94feae76
 def pair_margin(
@@ -671,7 +671,7 @@ def dpo_setup(
         pairs, stats = make_preference_pairs(ref, tok, base, gold_oracle(base, o), o.n_pairs, seed=o.data_seed,
                                              max_new_tokens=cfg.max_new_tokens)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write_atomic(cache, "".join(json.dumps(p) + "\n" for p in pairs))  # a kill leaves no half-written file
     return {"ref": ref, "task": PreferenceTask(base, pairs, stats)}
 
 

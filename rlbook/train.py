@@ -8,7 +8,7 @@ __all__ = ['POSITIVE', 'COUNTS', 'REALS', 'PICKLES', 'RUN_FILES', 'SETUP_FILES',
            'log', 'write_state', 'read_state', 'save_checkpoint', 'refuse_pickles', 'checkpoint_problem',
            'checkpoint_step', 'find_checkpoint', 'load_checkpoint', 'read_metrics', 'MetricsFigure', 'plot_metrics',
            'describe_run', 'check_out', 'run_identity', 'config_changes', 'acquire_lock', 'release_lock',
-           'remove_stale_temps', 'Interrupted', 'Stopper', 'train']
+           'remove_stale_temps', 'write_atomic', 'Interrupted', 'Stopper', 'train']
 
 # %% ../nbs/04_train.ipynb #2ef5d676
 import dataclasses
@@ -554,7 +554,7 @@ LOCK = ".lock"
 
 
 def _temp_of(name: str) -> int | None:  # the pid in 'checkpoint.tmp123' (a save or write that did not finish)
-    m = re.fullmatch(r"(checkpoint|config\.json|metrics\.jsonl|final_eval\.json)\.tmp(\d+)", name)
+    m = re.fullmatch(r"(checkpoint|config\.json|metrics\.jsonl|final_eval\.json|pairs\.jsonl)\.tmp(\d+)", name)
     return int(m.group(2)) if m else None
 
 
@@ -686,7 +686,7 @@ def remove_stale_temps(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _write_atomic(path: Path, text: str) -> None:  # a kill leaves the old file or the new one, never half
+def write_atomic(path: Path, text: str) -> None:  # a kill leaves the old file or the new one, never half
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -829,8 +829,8 @@ def _train(cfg, collect, loss, accelerator, policy, tokenizer, ref, modules, tas
     else:
         rows = []
     if accelerator.is_main_process:
-        _write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-        _write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=1))
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=1))
     evaluate_fn = evaluate_fn or (lambda r: {f"eval/{k}": v for k, v in evaluate(
         r.model, r.tokenizer, r.task, n=cfg.eval_n, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed).items()})
     mb_size = (cfg.minibatch_size or cfg.batch_size) // accelerator.num_processes  # per process
@@ -910,7 +910,7 @@ def _train(cfg, collect, loss, accelerator, policy, tokenizer, ref, modules, tas
         final = {"step": cfg.steps, **evaluate_fn(run), "time": time.time() - t0}
         with open(log_path, "a") as f:
             f.write(json.dumps(final) + "\n")
-        _write_atomic(out / "final_eval.json", json.dumps(final, indent=1))
+        write_atomic(out / "final_eval.json", json.dumps(final, indent=1))
         plot_metrics(read_metrics(log_path), out / "metrics.png")
     accelerator.wait_for_everyone()
     return run

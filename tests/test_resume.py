@@ -210,6 +210,7 @@ def test_stale_temporary_folders_are_removed(reference, tmp_path):
     pid = dead_pid()
     (out / f"checkpoint.tmp{pid}" / "model").mkdir(parents=True)
     (out / f"metrics.jsonl.tmp{pid}").write_text("{}")
+    (out / f"pairs.jsonl.tmp{pid}").write_text('{"prompt": "1+1=", "cho')  # a DPO setup killed mid-write
     _, err = quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
     assert f"checkpoint.tmp{pid}, left unfinished by process {pid}" in err
     assert not list(out.glob("*.tmp*"))
