@@ -671,12 +671,16 @@ def register_task(
     name: str,  # the name `get_task` and `rlbook train --task` will know it by
     constructor: Callable[..., Task],  # a Task subclass (or a function returning a Task), called with the knobs
 ) -> None:
-    "Add a task to `TASKS`, as gymnasium's `register` adds an environment; a later chapter's task registers itself."
+    """Add a task to `TASKS`, as gymnasium's `register` adds an environment; a later chapter's task registers itself.
+
+    A constructor of the same name replaces the registered one (a re-run notebook cell, a reloaded module);
+    a different one under a registered name is refused."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][\w-]*", name):
         raise RLBookError(f"a task name must be a word of letters, digits, '_' or '-', got {name!r}")
     if not callable(constructor):
         raise RLBookError(f"task {name!r}: the constructor must be callable, got {type(constructor).__name__}")
-    if TASKS.get(name, constructor) is not constructor:
+    old = TASKS.get(name, constructor)
+    if getattr(old, "__qualname__", old) != getattr(constructor, "__qualname__", constructor):
         raise RLBookError(f"task {name!r} is already registered (as {TASKS[name].__name__}); choose another name")
     TASKS[name] = constructor
 
