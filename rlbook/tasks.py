@@ -681,7 +681,7 @@ def register_task(
         raise RLBookError(f"task {name!r}: the constructor must be callable, got {type(constructor).__name__}")
     old = TASKS.get(name, constructor)
     if getattr(old, "__qualname__", old) != getattr(constructor, "__qualname__", constructor):
-        raise RLBookError(f"task {name!r} is already registered (as {TASKS[name].__name__}); choose another name")
+        raise RLBookError(f"task {name!r} is already registered (as {getattr(old, '__name__', old)!s}); choose another name")
     TASKS[name] = constructor
 
 # %% ../nbs/01_tasks.ipynb #d16bebf7
