@@ -1434,6 +1434,14 @@ def grader_worker(
     send_message(resp_fd, {"ready": True})
     ns, files, nodes = dict(base), set(), {}
 
+    def leaves_into(store):  # decode's on_tensor: a tensor the grader will differentiate becomes a fresh leaf
+        def leaf(t, rec):
+            if "g" in rec:
+                t = t.clone().requires_grad_(True)
+                store[rec["g"]] = t
+            return t
+        return leaf
+
     def value_of(rec):  # a reference to a function, sent by the grader
         if rec.get("$") == "student":
             return ns[rec["name"]]
@@ -1495,28 +1503,14 @@ def grader_worker(
                 }
             elif op == "call":
                 leaves = {}
-
-                def leaf(t, rec):
-                    if "g" in rec:
-                        t = t.clone().requires_grad_(True)
-                        leaves[rec["g"]] = t
-                    return t
-
-                args = decode(msg["args"], leaf, value_of)
-                kwargs = decode(msg["kwargs"], leaf, value_of)
+                args = decode(msg["args"], leaves_into(leaves), value_of)
+                kwargs = decode(msg["kwargs"], leaves_into(leaves), value_of)
                 leaves = [leaves[k] for k in sorted(leaves)]
                 reply = reply_value(ns[msg["name"]](*args, **kwargs), leaves)
             elif op == "grad":
                 outs, leaves = nodes[msg["node"]]
                 new = {}
-
-                def leaf(t, rec):
-                    if "g" in rec:
-                        t = t.clone().requires_grad_(True)
-                        new[rec["g"]] = t
-                    return t
-
-                grads = decode(msg["grads"], leaf)
+                grads = decode(msg["grads"], leaves_into(new))
                 got = torch.autograd.grad(
                     outs,
                     leaves,
