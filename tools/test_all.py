@@ -3,7 +3,7 @@
 
 1. `nbdev_export` and `nbdev_clean` leave no diff: rlbook/ is the notebooks' export, notebooks are clean.
 2. README.md is nbs/index.ipynb rendered (tools/make_readme.py).
-3. ruff (pyflakes rules: unused imports and variables, undefined names) over rlbook/, tests/, tools/.
+3. ruff (pyflakes rules: unused imports and variables, undefined names) over rlbook/, tests/, tools/, benchmarks/.
 4. pytest on tests/ (over two cores with pytest-xdist where there are two).
 5. nbdev's notebook tests (cells flagged slow or gpu are skipped, settings.ini `tst_flags`).
 Options: --fast skips the notebook tests; extra arguments after `--` go to pytest.
@@ -51,7 +51,7 @@ def main(argv):
     step("README.md matches nbs/index.ipynb", rd.returncode == 0, results, rd.stderr.strip())
 
     lint = subprocess.run([BIN / "ruff", "check", "--select", "F", "--output-format", "concise", "--no-cache",
-                           "rlbook", "tests", "tools"], cwd=ROOT, capture_output=True, text=True)
+                           "rlbook", "tests", "tools", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     step("ruff: no unused imports or undefined names", lint.returncode == 0, results,
          "" if lint.returncode == 0 else (lint.stdout + lint.stderr).strip()[-3000:])
 
