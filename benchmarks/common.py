@@ -198,6 +198,36 @@ def trl_version() -> str | None:
     return trl.__version__
 
 
+def start(doc: str, default_steps: str, threads: int, runners: dict):
+    """Parse the command line. In a child process (`--child WHICH MODEL STEPS THREADS`), run runners[WHICH](MODEL,
+    STEPS), print its result after RESULT and return None; otherwise (args, TRL's version), or None without TRL."""
+    a = arguments(doc, default_steps, threads)
+    if a.child:
+        import torch
+        which, name, steps, n = a.child
+        torch.set_num_threads(int(n))
+        print("RESULT " + json.dumps(runners[which](name, int(steps))), flush=True)
+        return None
+    version = trl_version()
+    return None if version is None else (a, version)
+
+
+def compare(script: str, benchmark: str, a, version: str, steps_of, extra_fields: tuple = (), extra=lambda rs: "",
+            after=lambda name: None) -> None:
+    """For each model: rlbook and TRL alternating, every run appended to benchmarks/results/BENCHMARK_vs_trl.csv,
+    the report printed (with `extra` per side), then `after(model)`."""
+    for name in a.models:
+        steps = a.steps or steps_of(name)
+        res = alternate(script, ("rlbook", "trl"), lambda s: (s, name, steps, a.threads), a.reps, a.threads)
+        st = stamp()
+        append_csv(f"{benchmark}_vs_trl", [
+            {**st, "benchmark": benchmark, "model": name, "side": s, "rep": i + 1, "steps": steps, "threads": a.threads,
+             "trl": version, "s_per_step": round(r["s_per_step"], 4), "peak_rss_mb": round(r["peak_rss_mb"]),
+             **{k: round(r[k], 2) for k in extra_fields}} for s in res for i, r in enumerate(res[s])])
+        report(name, res, steps, st["load1"], extra)
+        after(name)
+
+
 def report(name: str, res: dict, steps: int, load1: float, extra=lambda rs: "") -> None:
     "Per side: s/step (median and range over the runs) and peak RSS; then the speed and memory ratios."
     med = {s: statistics.median(r["s_per_step"] for r in res[s]) for s in res}

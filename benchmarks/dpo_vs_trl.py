@@ -12,7 +12,6 @@ the load average.
 
 TRL is an optional extra (`pip install trl`); without it the script says so and exits 0.
 """
-import json
 import os
 import statistics
 import sys
@@ -21,8 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (alternate, append_csv, arguments, build_model, peak_rss_mb, report, stamp, step_times,  # noqa: E402
-                    trl_version)
+from common import build_model, compare, peak_rss_mb, start, step_times  # noqa: E402
 
 PAIRS, THREADS, BETA = 16, 2, 0.1
 
@@ -85,32 +83,15 @@ def run_trl(name: str, steps: int) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def child(which: str, name: str, steps: int, threads: int) -> None:
-    import torch
-    torch.set_num_threads(threads)
-    res = (run_rlbook if which == "rlbook" else run_trl)(name, steps)
-    print("RESULT " + json.dumps(res), flush=True)
-
-
 def main() -> int:
-    a = arguments(__doc__, "12 tiny, 5 SmolLM2", THREADS)
-    if a.child:
-        child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))
+    started = start(__doc__, "12 tiny, 5 SmolLM2", THREADS, {"rlbook": run_rlbook, "trl": run_trl})
+    if started is None:
         return 0
-    version = trl_version()
-    if version is None:
-        return 0
+    a, version = started
     print(f"rlbook DPO vs TRL {version} DPOTrainer: {PAIRS} pairs per step, fp32, beta={BETA}, sigmoid "
           f"loss, reference log-probs every step, {a.threads} threads, {a.reps} alternating runs per side; "
           f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
-    for name in a.models:
-        steps = a.steps or (12 if name == "tiny" else 5)
-        res = alternate(__file__, ("rlbook", "trl"), lambda s: (s, name, steps, a.threads), a.reps, a.threads)
-        st = stamp()
-        append_csv("dpo_vs_trl", [{**st, "benchmark": "dpo", "model": name, "side": s, "rep": i + 1, "steps": steps,
-                                   "threads": a.threads, "trl": version, "s_per_step": round(r["s_per_step"], 4),
-                                   "peak_rss_mb": round(r["peak_rss_mb"])} for s in res for i, r in enumerate(res[s])])
-        report(name, res, steps, st['load1'])
+    compare(__file__, "dpo", a, version, lambda name: 12 if name == "tiny" else 5)
     return 0
 
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (alternate, append_csv, arguments, build_model, peak_rss_mb, print_roofline, report,  # noqa: E402
-                    roofline, stamp, step_times, trl_version)
+from common import (append_csv, build_model, compare, peak_rss_mb, print_roofline, roofline, run_child, start,  # noqa: E402
+                    stamp, step_times)
 
 PROMPTS, GROUP, NEW_TOKENS, THREADS = 8, 4, 32, 2
 
@@ -79,51 +79,32 @@ def run_trl(name: str, steps: int) -> dict:
             "peak_rss_mb": peak_rss_mb(), "params": sum(p.numel() for p in model.parameters())}
 
 
-def run_roofline(name: str, threads: int) -> dict:
-    model, tok = build_model(name)
-    return roofline(model, tok, [e.prompt for e in prompts(PROMPTS)], GROUP, NEW_TOKENS, threads)
-
-
-def child(which: str, name: str, steps: int, threads: int) -> None:
-    import json
+def run_roofline(name: str) -> dict:
     import torch
-    torch.set_num_threads(threads)
-    res = (run_roofline(name, threads) if which == "roofline" else
-           (run_rlbook if which == "rlbook" else run_trl)(name, steps))
-    print("RESULT " + json.dumps(res), flush=True)
+    model, tok = build_model(name)
+    return roofline(model, tok, [e.prompt for e in prompts(PROMPTS)], GROUP, NEW_TOKENS, torch.get_num_threads())
 
 
 def main() -> int:
-    a = arguments(__doc__, "12 tiny, 4 SmolLM2", THREADS)
-    if a.child:
-        child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))
+    started = start(__doc__, "12 tiny, 4 SmolLM2", THREADS, {"rlbook": run_rlbook, "trl": run_trl,
+                                                             "roofline": lambda name, steps: run_roofline(name)})
+    if started is None:
         return 0
-    version = trl_version()
-    if version is None:
-        return 0
+    a, version = started
     print(f"rlbook GRPO vs TRL {version} GRPOTrainer: {PROMPTS} prompts x {GROUP} completions x "
           f"{NEW_TOKENS} new tokens, 1 optimizer step per batch, fp32, beta=0, {a.threads} threads, {a.reps} "
           f"alternating runs per side; load average before: {os.getloadavg()[0]:.1f}", flush=True)
-    for name in a.models:
-        steps = a.steps or (12 if name == "tiny" else 4)
-        res = alternate(__file__, ("rlbook", "trl"), lambda s: (s, name, steps, a.threads), a.reps, a.threads)
-        st = stamp()
-        append_csv("grpo_vs_trl", [{**st, "benchmark": "grpo", "model": name, "side": s, "rep": i + 1, "steps": steps,
-                                    "threads": a.threads, "trl": version, "s_per_step": round(r["s_per_step"], 4),
-                                    "peak_rss_mb": round(r["peak_rss_mb"]), "len_mean": round(r["len_mean"], 2)}
-                                   for s in res for i, r in enumerate(res[s])])
-        report(name, res, steps, st["load1"],
-               lambda rs: f"   mean completion length {statistics.mean(r['len_mean'] for r in rs):.1f}")
-        roof = run_roofline_child(name, a.threads)
+
+    def roofline_of(name: str) -> None:  # rlbook's step against the machine, in a process of its own
+        roof = run_child(__file__, ("roofline", name, 0, a.threads), a.threads)
         print_roofline(roof)
         append_csv("roofline", [{**stamp(), "model": name, "threads": a.threads,
                                  **{k: round(v, 4) if isinstance(v, float) else v for k, v in roof.items()}}])
+
+    compare(__file__, "grpo", a, version, lambda name: 12 if name == "tiny" else 4, extra_fields=("len_mean",),
+            extra=lambda rs: f"   mean completion length {statistics.mean(r['len_mean'] for r in rs):.1f}",
+            after=roofline_of)
     return 0
-
-
-def run_roofline_child(name: str, threads: int) -> dict:
-    from common import run_child
-    return run_child(__file__, ("roofline", name, 0, threads), threads)
 
 
 if __name__ == "__main__":
