@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .grpo import (RATIOS, RL_DEFAULTS, GRPOConfig, check_options, difficulty_mask,
+from .grpo import (RATIOS, RL_DEFAULTS, SMALL_RECIPE, GRPOConfig, check_options, difficulty_mask,
                          grpo_collect, grpo_loss, grpo_setup)
 from .logprobs import (AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, kl_k3, seq_mean,
                              token_mean)
@@ -683,7 +683,8 @@ def sapo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     return _offpolicy_step(run, mb, _sapo_surrogate)
 
 # %% ../nbs/41_dense_credit.ipynb #4fe07823
-CHAIN_DEFAULTS = dict(RL_DEFAULTS, task="arith_chain", max_new_tokens=12)  # chapter 40's, on chains, with room for three steps
+# chapter 40's first recipe (8 prompts a step), on chains, with room for three steps
+CHAIN_DEFAULTS = dict(RL_DEFAULTS, **SMALL_RECIPE, task="arith_chain", max_new_tokens=12)
 
 PRIME = Method(
     name="prime", collect=prime_collect, loss=prime_step, setup=prime_setup,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grpo import RATIOS, RL_DEFAULTS, GRPOConfig, check_options, grpo_collect, grpo_loss, grpo_setup
+from .grpo import RATIOS, RL_DEFAULTS, SMALL_RECIPE, GRPOConfig, check_options, grpo_collect, grpo_loss, grpo_setup
 from .logprobs import AGGREGATIONS, KL_ESTIMATORS, position_ids_from_mask, token_entropy, token_logprobs, token_mean
 from .models import RLBookError
 from .rollout import generate
@@ -339,6 +339,6 @@ def entropy_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stat
 
 GRPO_ENTROPY = Method(
     name="grpo_entropy", collect=grpo_collect, loss=entropy_step, setup=entropy_setup,
-    defaults=dict(RL_DEFAULTS, minibatch_size=32), options=EntropyConfig(beta=0.0),
+    defaults=dict(RL_DEFAULTS, **SMALL_RECIPE, minibatch_size=32), options=EntropyConfig(beta=0.0),
     help="GRPO with an entropy control (--entropy-control: none, bonus, adaptive, clip_higher, clip_cov, kl_cov, "
          "high_entropy); two updates per batch so the clip acts")

@@ -189,7 +189,7 @@ def grpo_learns_png(path: Path = LEARNS):
         label=f"mean of {len(seeds)} seeds",
     )
     ax.set(
-        xlabel="training step (64 sampled answers each)",
+        xlabel="training step (512 sampled answers each)",
         ylabel="held-out accuracy (greedy)",
         title="GRPO on 2–3-digit addition, tiny model, CPU",
     )
