@@ -8,7 +8,7 @@ __all__ = ['PG_DEFAULTS', 'REINFORCE', 'RLOO', 'REMAX', 'REINFORCE_PP', 'score_f
            'discounted_returns', 'pg_loss', 'reinforce_advantages', 'rloo_advantages', 'remax_advantages',
            'reinforce_pp_advantages', 'masked_whiten', 'mlp', 'run_episodes', 'cartpole_reinforce', 'PGConfig',
            'kl_penalised_reward', 'greedy_rewards', 'reinforce_adv', 'rloo_adv', 'remax_adv', 'reinforce_pp_adv',
-           'reference_kl', 'pg_collect', 'pg_step', 'pg_setup', 'gradient_draws']
+           'reference_kl', 'pg_collect', 'pg_step', 'pg_setup', 'gradient_draws', 'OffsetAddition']
 
 # %% ../nbs/11_reinforce.ipynb #b873fb3e
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ import torch
 from .logprobs import AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, seq_sum, token_mean
 from .models import RLBookError, frozen_copy, load_policy
 from .rollout import generate
+from .tasks import Addition, Example, register_task
 from .train import Method, Run, TrainConfig, collect_rollouts, score
 
 # %% ../nbs/11_reinforce.ipynb #bfb4cb70
@@ -367,8 +368,9 @@ def pg_setup(
     return {"ref": frozen_copy(policy)}
 
 # %% ../nbs/11_reinforce.ipynb #9ee2ca99
-PG_DEFAULTS = dict(steps=150, batch_size=64, group_size=8, lr=2e-4, max_new_tokens=8, eval_every=50, eval_n=200,
-                   model="tiny-sft")
+# chapter grpo's main-job recipe: 64 prompts x 8 completions a step from the sloppy-teacher warm start (chapter sft)
+PG_DEFAULTS = dict(steps=100, batch_size=512, group_size=8, lr=3e-4, max_new_tokens=8, eval_every=25, eval_n=500,
+                   model="tiny-sft-sloppy")
 
 REINFORCE = Method(
     name="reinforce", collect=partial(pg_collect, advantage=reinforce_adv), loss=pg_step,
@@ -413,3 +415,33 @@ def gradient_draws(
     var = ((G - mean) ** 2).sum(-1).sum().item() / (n_draws - 1)
     mean_sq = max(mean.pow(2).sum().item() - var / n_draws, 1e-30)  # unbiased estimate of |E g|^2
     return {"var": var, "mean_sq": mean_sq, "rel_var": var / mean_sq}
+
+# %% ../nbs/11_reinforce.ipynb #c11f0a02
+@dataclass
+class OffsetAddition(Addition):
+    "Addition whose reward is shifted by a constant: `1 + offset` for the right sum, `offset` otherwise; grading unchanged."
+
+    offset: float = 2.0  # added to every reward
+
+    name = "addition_offset"
+
+    def reward(
+        self,
+        example: Example,  # the problem
+        completion: str,  # the policy's completion
+    ) -> float:
+        "The 0/1 reward plus `offset`."
+        return super().reward(example, completion) + self.offset
+
+    def sample(
+        self,
+        n: int,  # number of examples
+        *,
+        seed: int,  # random seed
+        split: str = "train",  # "train" or "test"
+    ) -> list:  # `n` `Example`s
+        "Exactly `Addition`'s problems for the same seed and split (its held-out set included): only rewards differ."
+        return Addition(min_digits=self.min_digits, max_digits=self.max_digits).sample(n, seed=seed, split=split)
+
+
+register_task("addition_offset", OffsetAddition)
