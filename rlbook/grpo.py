@@ -325,7 +325,7 @@ def nft_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
 # the main job (`rlbook train` on its defaults): 64 prompts x 8 completions a step from the sloppy-teacher warm start
 RL_DEFAULTS = dict(model="tiny-sft-sloppy", task="addition", batch_size=512, group_size=8, lr=3e-4, steps=100,
                    max_new_tokens=8, temperature=1.0, eval_every=25, eval_n=500)
-# the chapter's first recipe, 8 prompts a step from the clean warm start ("When RL does not learn"; chapters 41, 60)
+# the chapter's first recipe, 8 prompts a step from the clean warm start ("When RL does not learn"; chapters 41, 51, 60)
 SMALL_RECIPE = dict(model="tiny-sft", batch_size=64, lr=1e-4, steps=200, eval_n=200)
 
 GRPO = Method(
