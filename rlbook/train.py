@@ -546,10 +546,10 @@ def plot_metrics(
     if keys is None:
         found = {k for r in rows for k, v in r.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
-        def varies(k):  # more than float round-off (ratio/mean is 1 +- 1e-7 in a single-epoch run)
+        def _varies(k):  # more than float round-off (ratio/mean is 1 +- 1e-7 in a single-epoch run)
             v = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
             return bool(v) and max(v) - min(v) > 1e-6 * max(1.0, abs(max(v, key=abs)))
-        varies = {k for k in found if varies(k)}
+        varies = {k for k in found if _varies(k)}
         keys = [k for k in LEADING if k in varies] + sorted(varies - set(LEADING))
     n = max(len(keys), 1)
     cols = min(n, 4)
@@ -636,9 +636,10 @@ def diagnose(
     loss, gn = _series(rows, "loss"), _series(rows, "grad_norm")
     if zero and gn:
         med = lambda xs: sorted(xs)[len(xs) // 2]
-        if med([abs(x) for x in loss]) < 0.01 and med(gn) > 10 * med([abs(x) for x in loss]):
+        loss_med = med([abs(x) for x in loss])
+        if loss_med < 0.01 and med(gn) > 10 * loss_med:
             out["loss_zero"] = (
-                f"note: the loss stays near 0 (median |loss| {med([abs(x) for x in loss]):.2g}) while the gradient "
+                f"note: the loss stays near 0 (median |loss| {loss_med:.2g}) while the gradient "
                 f"does not (median norm {med(gn):.2g}): group-normalised advantages sum to 0 and the ratio is 1 at a "
                 "batch's first update, so the loss is 0 by construction and says nothing about learning; watch "
                 "reward/mean and eval/accuracy; see appendix Pitfalls, §3 'The loss is zero at the first step'")
