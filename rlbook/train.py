@@ -7,7 +7,7 @@ __all__ = ['EVAL_SEED', 'POSITIVE', 'COUNTS', 'REALS', 'PICKLES', 'LEADING', 'RU
            'TrainConfig', 'flag', 'check_config', 'step_seed', 'Run', 'Method', 'shard', 'score', 'collect_rollouts',
            'take', 'batch_rows', 'log', 'write_state', 'read_state', 'save_checkpoint', 'refuse_pickles',
            'checkpoint_problem', 'checkpoint_step', 'find_checkpoint', 'load_checkpoint', 'read_metrics',
-           'MetricsFigure', 'ema', 'plot_metrics', 'diagnose', 'describe_run', 'check_out', 'run_identity',
+           'MetricsFigure', 'ema', 'plot_metrics', 'seed_band', 'diagnose', 'describe_run', 'check_out', 'run_identity',
            'config_changes', 'acquire_lock', 'release_lock', 'remove_stale_temps', 'write_atomic', 'Interrupted',
            'Stopper', 'train']
 
@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -574,6 +575,28 @@ def plot_metrics(
     if path is not None:
         fig.savefig(path, dpi=100)  # the Agg canvas, chosen for this figure only
     return fig
+
+# %% ../nbs/04_train.ipynb #e4b1c2d1
+def seed_band(
+    rows: list,  # rows of one setting: dicts with "seed", "step" and the metric (numbers or CSV strings)
+    key: str,  # the metric
+    smooth=None,  # applied to each seed's series (a list, in step order) before averaging, e.g. ema; None = raw
+) -> tuple:  # (steps, mean, sd) at the steps every seed logged; sd is the sample standard deviation across seeds
+    "Seed mean and spread of one metric, each seed smoothed first: the line and band of a curve over seeds."
+    by_seed = {}
+    for r in rows:
+        v = r.get(key)
+        if v not in (None, "") and math.isfinite(float(v)):
+            by_seed.setdefault(r["seed"], []).append((int(r["step"]), float(v)))
+    series = []
+    for pts in by_seed.values():
+        pts.sort()
+        ys = [y for _, y in pts]
+        series.append(dict(zip([x for x, _ in pts], smooth(ys) if smooth else ys)))
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    mean = [statistics.mean(s[t] for s in series) for t in steps]
+    sd = [statistics.stdev([s[t] for s in series]) if len(series) > 1 else 0.0 for t in steps]
+    return steps, mean, sd
 
 # %% ../nbs/04_train.ipynb #d1a9c0e8
 def _series(rows: list, key: str, steps: bool = False) -> list:  # one metric's finite values (or their steps)
