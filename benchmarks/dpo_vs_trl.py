@@ -12,6 +12,7 @@ the load average.
 
 TRL is an optional extra (`pip install trl`); without it the script says so and exits 0.
 """
+import dataclasses
 import os
 import statistics
 import sys
@@ -48,8 +49,9 @@ def run_rlbook(name: str, steps: int) -> dict:
     recs, st = validate_pairs(pairs(PAIRS * (steps + 2)), tok, context=model_context(ref))
     cfg = DPO.config(model=name, steps=steps, batch_size=PAIRS, lr=1e-6, out=str(out), progress=False,
                      device="cpu")
-    train(cfg, DPO.collect, DPO.loss, policy=model, tokenizer=tok, options=DPOConfig(beta=BETA), ref=ref,
-          task=PreferenceTask(get_task("addition"), recs, st), evaluate_fn=lambda run: {})
+    data = PreferenceTask(get_task("addition"), recs, st)  # these pairs instead of sampled ones, and the reference
+    method = dataclasses.replace(DPO, setup=lambda run: {"ref": ref, "task": data})
+    train(cfg, method, policy=model, tokenizer=tok, options=DPOConfig(beta=BETA), evaluate_fn=lambda run: {})
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
     return {"s_per_step": statistics.median(times), "peak_rss_mb": peak_rss_mb(),

@@ -38,7 +38,7 @@ def run_rlbook(name: str, steps: int) -> dict:
     out = tempfile.mkdtemp()
     cfg = GRPO.config(model=name, steps=steps, batch_size=PROMPTS * GROUP, group_size=GROUP, lr=1e-6,
                       max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu")
-    train(cfg, GRPO.collect, GRPO.loss, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0),
+    train(cfg, GRPO, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0),
           evaluate_fn=lambda run: {})
     rows = [r for r in read_metrics(f"{out}/metrics.jsonl") if "reward/mean" in r]
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # step k's duration, k >= 1

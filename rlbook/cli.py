@@ -229,16 +229,11 @@ def train_plan(args) -> tuple:  # (Method, TrainConfig, options or None), all ch
 def cmd_train(args) -> dict:  # the final evaluation
     method, cfg, options = train_plan(args)  # every check: nothing is built or written before it passes
     cfg.model = resolve_model(cfg.model, cfg.task, cfg.progress)
-    try:  # a setup checks the rest of its options before it loads a model
-        kwargs = method.setup(cfg, options) if method.setup else {}
+    t0 = time.time()
+    try:  # train says what it runs once the method's setup has checked what only it can (a pairs file, a reward model)
+        train(cfg, method, options=options)
     except RLBookError as e:
         raise RLBookError(in_flags(str(e), [f.name for f in dataclasses.fields(options)] if options else [])) from e
-    if options is not None:
-        kwargs["options"] = options
-    print(f"[rlbook] {method.name} on {cfg.task} with {cfg.model}: {cfg.steps} steps x {cfg.batch_size} sequences"
-          f" -> {cfg.out}", file=sys.stderr)
-    t0 = time.time()
-    train(cfg, method.collect, method.loss, **kwargs)
     rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
     before = next((r for r in rows if "eval/accuracy" in r), {})
     after = json.loads((Path(cfg.out) / "final_eval.json").read_text())

@@ -6,11 +6,12 @@
 __all__ = ['CHAIN_OPS', 'CHAIN_WARM_START', 'IS_CORRECTIONS', 'CHAIN_DEFAULTS', 'PRIME', 'IMPLICIT_PRM', 'CISPO', 'SAPO',
            'GRPO_TIS', 'implicit_token_rewards', 'implicit_q', 'implicit_reward', 'step_ends', 'step_rewards',
            'first_error_guess', 'implicit_prm_loss', 'ArithmeticChain', 'parse_steps', 'first_wrong_step',
-           'inject_step_error', 'dense_root', 'chain_warm_start', 'score_steps', 'ImplicitPRMConfig', 'prm_setup',
-           'prm_collect', 'prm_step', 'prime_advantages', 'PRIMEConfig', 'prime_setup', 'prime_collect', 'prime_step',
-           'cispo_loss', 'sapo_loss', 'token_truncated_is', 'token_masked_is', 'sequence_truncated_is',
-           'sequence_masked_is', 'importance_corrected_kl', 'weighted', 'OffPolicyConfig', 'check_offpolicy',
-           'offpolicy_setup', 'offpolicy_collect', 'grpo_is_step', 'cispo_step', 'sapo_step']
+           'inject_step_error', 'dense_root', 'chain_warm_start', 'score_steps', 'ImplicitPRMConfig', 'prm_collect',
+           'prm_objective', 'prime_advantages', 'PRIMEConfig', 'prime_setup', 'prime_keep', 'prime_advantage',
+           'prime_objective', 'cispo_loss', 'sapo_loss', 'token_truncated_is', 'token_masked_is',
+           'sequence_truncated_is', 'sequence_masked_is', 'importance_corrected_kl', 'weighted', 'OffPolicyConfig',
+           'check_offpolicy', 'offpolicy_setup', 'offpolicy_collect', 'offpolicy_objective', 'grpo_surrogate',
+           'cispo_surrogate', 'sapo_surrogate']
 
 # %% ../nbs/41_dense_credit.ipynb #3b393379
 import operator
@@ -18,23 +19,25 @@ import os
 import random
 import re
 import shutil
+import copy
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .grpo import (RATIOS, RL_DEFAULTS, SMALL_RECIPE, GRPOConfig, check_options, difficulty_mask,
-                         grpo_collect, grpo_loss, grpo_setup)
-from .logprobs import (AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, kl_k3, seq_mean,
-                             token_mean)
-from .models import RLBookError, frozen_copy, load_policy
-from .ppo import last_token_mask, ppo_policy_loss
-from .reinforce import discounted_returns, masked_whiten, rloo_advantages
+from .grpo import (GRPO, RATIOS, RL_DEFAULTS, SMALL_RECIPE, GRPOConfig, check_options, difficulty_mask,
+                         grpo_loss, grpo_setup)
+from .logprobs import (AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, kl_k3, last_token_mask, masked_whiten,
+                             seq_mean, token_mean)
+from .models import RLBookError, frozen_copy
+from .ppo import ppo_policy_loss
+from .reinforce import discounted_returns, pg_collect, pg_step, rloo_advantages
 from .rollout import encode_pairs
 from .sft import SFT, TASK_WARM_STARTS, WARM_START, cache_root, shipped_root, warm_start_name
 from .tasks import Example, NumericTask, register_task
-from .train import Method, Run, TrainConfig, collect_rollouts, train
+from .train import Method, Run, TrainConfig, collect_rollouts, train, with_reference
 
 # %% ../nbs/41_dense_credit.ipynb #7baacf4a
 def implicit_token_rewards(
@@ -243,7 +246,7 @@ def chain_warm_start(
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cfg.out, cfg.device = str(tmp), "cpu" if cfg.device is None else cfg.device
-    train(cfg, SFT.collect, SFT.loss, task=task or ArithmeticChain())
+    train(cfg, SFT, task=task or ArithmeticChain())
     shutil.copytree(tmp / "checkpoint" / "model", tmp / "model")
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
@@ -286,36 +289,15 @@ class ImplicitPRMConfig:
     prm_beta: float = 0.05  # beta of the implicit reward beta * log pi_phi / pi_ref
 
 
-def prm_setup(
-    cfg,  # the run's TrainConfig (cfg.model: the starting point of the PRM and its reference)
-    options: ImplicitPRMConfig | None,  # the method's options
-) -> dict:  # {'ref': frozen copy of the starting model}
-    "The reference pi_ref: a frozen copy of the model the PRM starts from (and its data's sampler)."
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    return {"ref": frozen_copy(policy)}
-
-
 def prm_collect(run: Run) -> tuple[dict, dict]:  # batch with 'ref_logp' and labels 'reward'; stats
-    "Sample G answers per prompt from the frozen reference (not from the PRM) and label them."
-    if run.ref is None:
-        raise RLBookError("the implicit PRM needs a reference policy: "
-                          "pass train(..., **prm_setup(cfg, options))")
-    batch, stats = collect_rollouts(replace(run, policy=run.ref))
-    with torch.no_grad():
-        batch["ref_logp"] = completion_logprobs(
-            run.ref, batch["input_ids"], batch["attention_mask"],
-            batch["completion_mask"].shape[1])["logp"]
-    return batch, stats
+    "Sample G answers per prompt from the frozen reference (not from the PRM), label them, and take their reference log-probs."
+    return collect_rollouts(replace(run, policy=run.ref))  # the sampler is the reference: kl/ref is 0 up to rounding
 
 
-def prm_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "Forward pass of the PRM and @eq-implicit-ce."
-    o = run.options or ImplicitPRMConfig()
-    mask = mb["completion_mask"]
-    args = (mb["input_ids"], mb["attention_mask"], mask.shape[1])
-    logp = completion_logprobs(run.policy, *args)["logp"]
-    return implicit_prm_loss(logp, mb["ref_logp"], mask, mb["reward"], beta=o.prm_beta,
-                             n_seqs=mb["n_seqs"])
+def prm_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+    "@eq-implicit-ce on the PRM's log-probs of a micro-batch (the PRM is the run's policy)."
+    return implicit_prm_loss(out["logp"], mb["ref_logp"], mb["completion_mask"], mb["reward"],
+                             beta=run.options.prm_beta, n_seqs=mb["n_seqs"])
 
 # %% ../nbs/41_dense_credit.ipynb #1d2323a7
 def prime_advantages(
@@ -351,68 +333,58 @@ class PRIMEConfig:
     acc_min: float = 0.2  # PRIME's accuracy filter: drop groups whose accuracy is below this ...
     acc_max: float = 0.8  # ... or above this (0 and 1 keep every group)
 
+    def check(self) -> None:
+        "RLBookError for a coefficient out of range."
+        if not (self.prm_beta > 0 and self.clip_eps > 0 and 0 <= self.acc_min <= self.acc_max <= 1):
+            raise RLBookError("PRIME needs prm_beta > 0, clip_eps > 0 and 0 <= acc_min <= acc_max <= 1")
+
 
 def prime_setup(
-    cfg,  # the run's TrainConfig
-    options: PRIMEConfig | None,  # the method's options
+    run: Run,  # the run; run.options is a PRIMEConfig
 ) -> dict:  # {'ref': pi_ref, 'modules': {'prm': trainable copy}}; {} when process_coef == 0
     "The reference and the implicit PRM, both copies of the starting (SFT) policy, as in PRIME."
-    o = options or PRIMEConfig()
-    if o.prm_beta <= 0 or o.clip_eps <= 0 or not 0 <= o.acc_min <= o.acc_max <= 1:
-        raise RLBookError("PRIME needs prm_beta > 0, clip_eps > 0 and 0 <= acc_min <= acc_max <= 1")
-    if o.process_coef == 0:
-        return {}
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    prm, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    return {"ref": frozen_copy(policy), "modules": {"prm": prm}}
-
-
-def prime_collect(run: Run) -> tuple[dict, dict]:  # batch with token advantages 'adv' (B, T), stats
-    "Rollouts, accuracy filter, the current PRM's process rewards, @eq-prime-adv (steps 1-4 above)."
-    o, cfg = run.options or PRIMEConfig(), run.cfg
+    o, cfg = run.options, run.cfg
     if cfg.temperature <= 0 or cfg.group_size < 2:
         raise RLBookError("PRIME compares G >= 2 sampled answers per prompt: "
                           "use temperature > 0 and group_size >= 2")
-    dense = o.process_coef != 0
-    if dense and ("prm" not in run.modules or run.ref is None):
-        raise RLBookError("process_coef != 0 needs the PRM and its reference: "
-                          "pass train(..., **prime_setup(cfg, options))")
-    batch, stats = collect_rollouts(run)
-    G, mask, correct = cfg.group_size, batch["completion_mask"], batch["reward"]
-    keep = difficulty_mask(correct, G, drop_zero_std=False, acc_min=o.acc_min, acc_max=o.acc_max)
-    mask = mask * keep[:, None]
-    batch["completion_mask"] = mask
-    token_r = torch.zeros_like(batch["logp_old"])
-    if dense:
-        args = (batch["input_ids"], batch["attention_mask"], mask.shape[1])
+    if o.process_coef == 0:
+        return {}
+    return {"ref": frozen_copy(run.model), "modules": {"prm": copy.deepcopy(run.model)}}
+
+
+def prime_keep(run: Run, batch: dict) -> torch.Tensor:  # (B,) bool
+    "PRIME's accuracy filter: groups whose accuracy lies in [acc_min, acc_max] (@eq-filter of chapter grpo)."
+    o = run.options
+    return difficulty_mask(batch["reward"], run.cfg.group_size, drop_zero_std=False, acc_min=o.acc_min, acc_max=o.acc_max)
+
+
+def prime_advantage(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B, T) advantages, stats
+    "The current PRM's process rewards on the kept groups and @eq-prime-adv (steps 2-4 above)."
+    o, cfg, correct = run.options, run.cfg, batch["reward"]
+    keep = batch["keep"]
+    mask = batch["completion_mask"] * keep[:, None]
+    token_r, stats = torch.zeros_like(batch["logp_old"]), {}
+    if o.process_coef != 0:
         with torch.no_grad():
-            batch["ref_logp"] = completion_logprobs(run.ref, *args)["logp"]
             prm = run.accelerator.unwrap_model(run.modules["prm"])
-            prm_logp = completion_logprobs(prm, *args)["logp"]
+            prm_logp = completion_logprobs(prm, batch["input_ids"], batch["attention_mask"], mask.shape[1],
+                                           temperature=cfg.temperature)["logp"]
         token_r = implicit_token_rewards(prm_logp, batch["ref_logp"], mask, beta=o.prm_beta)
-        r = token_r.sum(-1)
-        k = keep.bool()
+        r, k = token_r.sum(-1), keep.bool()
         hit = ((r > 0) == (correct > 0.5))[k].float()
         stats["prm/accuracy"] = hit.mean().item() if k.any() else float("nan")
-    batch["adv"] = prime_advantages(token_r, correct, mask, G, process_coef=o.process_coef,
-                                    outcome_coef=o.outcome_coef, gamma=o.gamma)
-    stats["frac_kept"] = keep.float().mean().item()
-    return batch, stats
+    return prime_advantages(token_r, correct, mask, cfg.group_size, process_coef=o.process_coef,
+                            outcome_coef=o.outcome_coef, gamma=o.gamma), stats
 
 
-def prime_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+def prime_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "PPO-clip loss on the token advantages plus the PRM's @eq-implicit-ce on the same answers."
-    o = run.options or PRIMEConfig()
-    mask = mb["completion_mask"]
-    args = (mb["input_ids"], mb["attention_mask"], mask.shape[1])
-    out = completion_logprobs(run.policy, *args, temperature=run.cfg.temperature, with_entropy=True)
+    o, mask = run.options, mb["completion_mask"]
     loss, stats = ppo_policy_loss(out["logp"], mb["logp_old"], mb["adv"], mask, clip_eps=o.clip_eps,
-                                  aggregate=token_mean, n_seqs=mb["n_seqs"],
-                                  n_tokens=mb["n_tokens"])
-    stats = {k: stats[k] for k in ("clipfrac", "ratio/mean")}
-    stats["entropy"] = token_mean(out["entropy"], mask).item()
+                                  aggregate=token_mean, n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"])
     if "prm" in run.modules:
-        prm_logp = completion_logprobs(run.modules["prm"], *args)["logp"]
+        prm_logp = completion_logprobs(run.modules["prm"], mb["input_ids"], mb["attention_mask"], mask.shape[1],
+                                       temperature=run.cfg.temperature)["logp"]
         prm_loss, _ = implicit_prm_loss(prm_logp, mb["ref_logp"], mask, mb["reward"],
                                         beta=o.prm_beta, weight=mask.any(-1).float(),
                                         n_seqs=mb["n_seqs"])
@@ -571,6 +543,10 @@ class OffPolicyConfig(GRPOConfig):
     kl_correction: bool = False  # multiply the loss's KL estimate by the ratio (corrected KL)
     sync_every: int = 1  # the sampler gets the weights every this many steps (1: on-policy)
 
+    def check(self) -> None:
+        "RLBookError for a bad switch or coefficient (see `check_offpolicy`)."
+        check_offpolicy(self)
+
 
 def check_offpolicy(o: OffPolicyConfig) -> None:
     "RLBookError for a bad switch or coefficient."
@@ -584,30 +560,26 @@ def check_offpolicy(o: OffPolicyConfig) -> None:
 
 
 def offpolicy_setup(
-    cfg,  # the run's TrainConfig
-    options: OffPolicyConfig | None,  # the method's options
+    run: Run,  # the run; run.options is an OffPolicyConfig
 ) -> dict:  # grpo_setup's reference, plus a frozen 'sampler' module when sync_every > 1
     "The reference (beta > 0) and, for a lagging sampler, its own copy of the weights."
-    o = options or OffPolicyConfig()
-    check_offpolicy(o)
-    out = grpo_setup(cfg, o)
-    if o.sync_every > 1:
-        policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-        out["modules"] = {"sampler": frozen_copy(policy)}
+    out = grpo_setup(run)
+    if run.options.sync_every > 1:
+        out["modules"] = {"sampler": frozen_copy(run.model)}
     return out
 
 
-def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # grpo_collect's + logp_sampler, is_weight
+def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # GRPO's batch + logp_sampler, is_weight
     "GRPO's batch from a sampler that may lag the policy, the trainer's log pi_old, @eq-tis."
-    o = run.options or OffPolicyConfig()
+    o = run.options
     if o.sync_every == 1 and o.tis_cap == 0:
-        return grpo_collect(run)
+        return GRPO.collect(run)
     sampler = run.model
     if o.sync_every > 1:
         sampler = run.accelerator.unwrap_model(run.modules["sampler"])
         if run.step % o.sync_every == 0:  # the sampler catches up with the trainer
             sampler.load_state_dict(run.model.state_dict())
-    batch, stats = grpo_collect(replace(run, policy=sampler))
+    batch, stats = GRPO.collect(replace(run, policy=sampler))
     mask = batch["completion_mask"]
     with torch.no_grad():
         out = completion_logprobs(run.model, batch["input_ids"], batch["attention_mask"],
@@ -625,84 +597,73 @@ def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # grpo_collect's + logp_s
     return batch, stats
 
 
-def _kl_term(o: OffPolicyConfig, logp: torch.Tensor, mb: dict, agg, kw: dict) -> tuple:
-    if mb.get("ref_logp") is None:
-        return 0.0, {}
+def _kl_term(o: OffPolicyConfig, logp: torch.Tensor, mb: dict, agg, kw: dict):  # beta * agg(KL), or 0
+    if mb.get("ref_logp") is None or o.kl_in_reward:
+        return 0.0
     est = KL_ESTIMATORS[o.kl_estimator]
     if o.kl_correction:
         kl_tok = importance_corrected_kl(logp, mb["ref_logp"], mb["logp_old"], kl=est)
     else:
         kl_tok = est(logp, mb["ref_logp"])
-    term = o.beta * agg(kl_tok, mb["completion_mask"], **kw) if not o.kl_in_reward else 0.0
-    return term, {"kl/ref": token_mean(kl_tok.detach(), mb["completion_mask"]).item()}
+    return o.beta * agg(kl_tok, mb["completion_mask"], **kw)
 
 
-def _offpolicy_step(run: Run, mb: dict, surrogate) -> tuple[torch.Tensor, dict]:
-    o = run.options or OffPolicyConfig()
-    mask = mb["completion_mask"]
-    out = completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], mask.shape[1],
-                              temperature=run.cfg.temperature, with_entropy=True)
+def offpolicy_objective(
+    run: Run,  # the run; run.options is an OffPolicyConfig
+    mb: dict,  # a micro-batch of offpolicy_collect's batch
+    out: dict,  # the policy's log-probs of the micro-batch
+    *,
+    surrogate,  # grpo_surrogate, cispo_surrogate or sapo_surrogate
+) -> tuple[torch.Tensor, dict]:  # loss, stats
+    "A surrogate of this chapter with the sampler correction @eq-tis, plus the optional @eq-kl-corrected KL term."
+    o = run.options
     agg, kw = AGGREGATIONS[o.aggregation], dict(n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"],
                                                 constant=run.cfg.max_new_tokens)
     loss, stats = surrogate(o, out["logp"], mb, agg, kw)
-    kl_loss, kl_stats = _kl_term(o, out["logp"], mb, agg, kw)
-    stats.update(kl_stats)
-    stats["entropy"] = token_mean(out["entropy"], mask).item()
-    return loss + kl_loss, stats
+    return loss + _kl_term(o, out["logp"], mb, agg, kw), stats
 
 
-def _grpo_surrogate(o, logp, mb, agg, kw):
+def grpo_surrogate(o, logp, mb, agg, kw):  # GRPO's @eq-grpo-loss, weighted by the sampler correction
     return grpo_loss(logp, mb["logp_old"], mb["adv"], mb["completion_mask"],
                      clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high,
                      ratio_fn=RATIOS[o.ratio_level],
                      aggregate=weighted(agg, mb.get("is_weight")), **kw)
 
 
-def _cispo_surrogate(o, logp, mb, agg, kw):
+def cispo_surrogate(o, logp, mb, agg, kw):  # @eq-cispo
     return cispo_loss(logp, mb["logp_old"], mb["adv"], mb["completion_mask"], cap=o.cispo_cap,
                       is_weight=mb.get("is_weight"), aggregate=agg, **kw)
 
 
-def _sapo_surrogate(o, logp, mb, agg, kw):
+def sapo_surrogate(o, logp, mb, agg, kw):  # @eq-sapo
     return sapo_loss(logp, mb["logp_old"], mb["adv"], mb["completion_mask"], tau_pos=o.sapo_tau_pos,
                      tau_neg=o.sapo_tau_neg, is_weight=mb.get("is_weight"), aggregate=agg, **kw)
-
-
-def grpo_is_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "GRPO's @eq-grpo-loss with the sampler correction @eq-tis and the optional @eq-kl-corrected."
-    return _offpolicy_step(run, mb, _grpo_surrogate)
-
-
-def cispo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "@eq-cispo (with @eq-tis and @eq-kl-corrected when switched on)."
-    return _offpolicy_step(run, mb, _cispo_surrogate)
-
-
-def sapo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "@eq-sapo (with @eq-tis and @eq-kl-corrected when switched on)."
-    return _offpolicy_step(run, mb, _sapo_surrogate)
 
 # %% ../nbs/41_dense_credit.ipynb #4fe07823
 # chapter 40's first recipe (8 prompts a step), on chains, with room for three steps
 CHAIN_DEFAULTS = dict(RL_DEFAULTS, **SMALL_RECIPE, task="arith_chain", max_new_tokens=12)
 
 PRIME = Method(
-    name="prime", collect=prime_collect, loss=prime_step, setup=prime_setup,
+    name="prime", collect=partial(pg_collect, advantage=prime_advantage, keep=prime_keep),
+    loss=partial(pg_step, objective=prime_objective), setup=prime_setup,
     defaults=dict(CHAIN_DEFAULTS), options=PRIMEConfig(),
     help="PRIME: implicit PRM updated online from outcome labels; dense + outcome RLOO advantages")
 IMPLICIT_PRM = Method(
-    name="implicit_prm", collect=prm_collect, loss=prm_step, setup=prm_setup,
+    name="implicit_prm", collect=prm_collect, loss=partial(pg_step, objective=prm_objective), setup=with_reference,
     defaults=dict(CHAIN_DEFAULTS, steps=150, lr=1e-4), options=ImplicitPRMConfig(),
     help="implicit PRM: beta log pi/pi_ref fitted as an outcome classifier on the start's samples")
 CISPO = Method(
-    name="cispo", collect=offpolicy_collect, loss=cispo_step, setup=offpolicy_setup,
+    name="cispo", collect=offpolicy_collect, loss=partial(pg_step, objective=partial(offpolicy_objective, surrogate=cispo_surrogate)),
+    setup=offpolicy_setup,
     defaults=dict(CHAIN_DEFAULTS), options=OffPolicyConfig(beta=0.0, aggregation="token_mean"),
     help="CISPO: clipped, detached weight on a REINFORCE loss (no token loses its gradient)")
 SAPO = Method(
-    name="sapo", collect=offpolicy_collect, loss=sapo_step, setup=offpolicy_setup,
+    name="sapo", collect=offpolicy_collect, loss=partial(pg_step, objective=partial(offpolicy_objective, surrogate=sapo_surrogate)),
+    setup=offpolicy_setup,
     defaults=dict(CHAIN_DEFAULTS), options=OffPolicyConfig(beta=0.0, aggregation="seq_mean"),
     help="SAPO: a smooth sigmoid gate of the ratio instead of the hard clip")
 GRPO_TIS = Method(
-    name="grpo_tis", collect=offpolicy_collect, loss=grpo_is_step, setup=offpolicy_setup,
+    name="grpo_tis", collect=offpolicy_collect, loss=partial(pg_step, objective=partial(offpolicy_objective, surrogate=grpo_surrogate)),
+    setup=offpolicy_setup,
     defaults=dict(CHAIN_DEFAULTS), options=OffPolicyConfig(beta=0.0, tis_cap=2.0),
     help="GRPO with truncated importance sampling of a stale sampler (--tis-cap, --sync-every)")

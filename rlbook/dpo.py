@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .logprobs import completion_logprobs
-from .models import RLBookError, frozen_copy, load_policy
+from .models import RLBookError, frozen_copy
 from .rollout import encode_pairs, evaluate, generate, model_context
-from .tasks import BradleyTerryOracle, Task, get_task
+from .tasks import BradleyTerryOracle, Task
 from .train import Method, Run, shard, step_seed, write_atomic
 
 # %% ../nbs/30_dpo.ipynb #94feae76
@@ -653,18 +653,15 @@ def gold_oracle(
 
 
 def dpo_setup(
-    cfg,  # the run's TrainConfig (model, task, out, resume, max_new_tokens)
-    options: DPOConfig | None,  # the method's options
+    run: Run,  # the run (cfg: out, resume, max_new_tokens; options: a DPOConfig; the policy as loaded; the task)
 ) -> dict:  # {'ref': frozen starting policy, 'task': PreferenceTask with the pairs}
     "Reference policy and preference dataset (read from pairs_path, from out/pairs.jsonl on resume, or sampled)."
-    o = options or DPOConfig()
-    check_dpo_options(o)
+    o, cfg, tok = run.options, run.cfg, run.tokenizer
     cache = Path(cfg.out) / "pairs.jsonl"
-    records = (read_pairs(o.pairs_path) if o.pairs_path else  # read (and refused) before any model is loaded
+    records = (read_pairs(o.pairs_path) if o.pairs_path else  # read (and refused) before any pair is sampled
                read_pairs(cache) if cfg.resume and cache.exists() else None)
-    policy, tok = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    ref = frozen_copy(policy)
-    base = get_task(cfg.task)
+    ref = frozen_copy(run.model)
+    base = run.task
     if records is not None:
         pairs, stats = validate_pairs(records, tok, context=model_context(ref))
     else:
@@ -675,9 +672,9 @@ def dpo_setup(
     return {"ref": ref, "task": PreferenceTask(base, pairs, stats)}
 
 
-def simpo_setup(cfg, options: DPOConfig | None) -> dict:  # {'task': PreferenceTask}: SimPO keeps no reference
+def simpo_setup(run: Run) -> dict:  # {'task': PreferenceTask}: SimPO keeps no reference
     "dpo_setup without the reference model (one model in memory, Pitfalls §6)."
-    kw = dpo_setup(cfg, options)
+    kw = dpo_setup(run)
     kw.pop("ref")
     return kw
 
@@ -686,7 +683,7 @@ def _collect(run: Run, with_kl: bool) -> tuple[dict, dict]:
     task = run.task
     if not isinstance(task, PreferenceTask):
         raise RLBookError("offline preference methods need the PreferenceTask that their setup() builds: "
-                          "call train(cfg, M.collect, M.loss, **M.setup(cfg, M.options), options=M.options)")
+                          "call train(cfg, M)")
     items = shard([task.pairs[i] for i in epoch_indices(len(task.pairs), run.cfg.batch_size, run.step, run.cfg.seed)], run)
     batch = encode_preferences(run.tokenizer, items, device=run.device, with_kl=with_kl)
     names = ("chosen", "rejected", "kl") if with_kl else ("chosen", "rejected")

@@ -6,17 +6,20 @@
 __all__ = ['ENTROPY_CONTROLS', 'GRPO_ENTROPY', 'entropy_gradient', 'entropy_change_cov', 'entropy_contributions',
            'pg_logit_change', 'token_covariance', 'stop_gradient', 'clip_cov_mask', 'kl_cov_mask', 'kl_cov_loss',
            'high_entropy_mask', 'entropy_bonus_loss', 'band_coef', 'fit_entropy_law', 'pass_at_k', 'sample_pass_at_k',
-           'EntropyConfig', 'check_entropy_options', 'entropy_setup', 'policy_forward', 'entropy_step']
+           'clip_cov_stop', 'high_entropy_stop', 'kl_cov_term', 'entropy_bonus_term', 'adaptive_bonus_term',
+           'EntropyControl', 'EntropyConfig', 'check_entropy_options', 'entropy_objective']
 
 # %% ../nbs/60_entropy.ipynb #fea158b0
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from .grpo import RATIOS, RL_DEFAULTS, SMALL_RECIPE, GRPOConfig, check_options, grpo_collect, grpo_loss, grpo_setup
-from .logprobs import AGGREGATIONS, KL_ESTIMATORS, position_ids_from_mask, token_entropy, token_logprobs, token_mean
+from .grpo import GRPO, RATIOS, RL_DEFAULTS, SMALL_RECIPE, GRPOConfig, check_options, grpo_loss, grpo_setup
+from .logprobs import AGGREGATIONS, KL_ESTIMATORS, token_mean
 from .models import RLBookError
+from .reinforce import pg_step
 from .rollout import generate
 from .train import Method, Run, step_seed
 
@@ -237,10 +240,79 @@ def sample_pass_at_k(
         counts += [sum(ok[j * n_samples: (j + 1) * n_samples]) for j in range(len(ex))]
     return {f"pass@{k}": sum(pass_at_k(n_samples, c, k) for c in counts) / len(counts) for k in ks}
 
+# %% ../nbs/60_entropy.ipynb #7068c689
+def _coverage(*masks) -> torch.Tensor:  # the union of boolean token masks
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
+
+
+def clip_cov_stop(run: Run, mb: dict, out: dict, cov: torch.Tensor) -> tuple:  # (frozen, selected) (B, T) bool
+    "Clip-Cov (@eq-clip-cov): a random fraction of the tokens in the covariance band lose their gradient."
+    o = run.options
+    g = torch.Generator().manual_seed(step_seed(run.cfg.seed, run.step, run.rank, salt=int(mb["input_ids"].sum())))
+    selected = clip_cov_mask(cov, mb["completion_mask"], ratio=o.clip_cov_ratio, lb=o.clip_cov_lb, ub=o.clip_cov_ub,
+                             generator=g)
+    return selected, selected
+
+
+def high_entropy_stop(run: Run, mb: dict, out: dict, cov: torch.Tensor) -> tuple:  # (frozen, selected)
+    "High-entropy tokens (@eq-high-entropy): only the top fraction by entropy keeps its gradient."
+    mask = mb["completion_mask"]
+    selected = high_entropy_mask(out["entropy"], mask, top_frac=run.options.high_entropy_frac)
+    return ~selected & (mask > 0), selected
+
+
+def kl_cov_term(run: Run, mb: dict, out: dict, cov: torch.Tensor) -> tuple:  # (loss, stats, selected)
+    "KL-Cov (@eq-kl-cov): |log pi - log pi_old| on the top-k covariance tokens, added to the loss."
+    o, mask = run.options, mb["completion_mask"]
+    selected = kl_cov_mask(cov, mask, ratio=o.kl_cov_ratio)
+    pen, st = kl_cov_loss(out["logp"], mb["logp_old"], selected, mask, coef=o.kl_cov_coef,
+                          aggregate=AGGREGATIONS[o.aggregation], **_norm(run, mb))
+    return pen, st, selected
+
+
+def entropy_bonus_term(run: Run, mb: dict, out: dict, cov: torch.Tensor, coef: float | None = None) -> tuple:
+    "The entropy bonus (@eq-entropy-bonus) with coefficient entropy_coef (or coef): (loss, stats, selected = none)."
+    o, mask = run.options, mb["completion_mask"]
+    bonus, st = entropy_bonus_loss(out["entropy"], mask, coef=o.entropy_coef if coef is None else coef,
+                                   aggregate=AGGREGATIONS[o.aggregation], **_norm(run, mb))
+    return bonus, st, torch.zeros_like(mask, dtype=torch.bool)
+
+
+def adaptive_bonus_term(run: Run, mb: dict, out: dict, cov: torch.Tensor) -> tuple:  # (loss, stats, selected)
+    "The bonus with the band coefficient of @eq-adaptive, set from the micro-batch's entropy."
+    o = run.options
+    H = token_mean(out["entropy"].detach(), mb["completion_mask"]).item()
+    return entropy_bonus_term(run, mb, out, cov, coef=band_coef(H, low=o.entropy_low, high=o.entropy_high,
+                                                                coef_max=o.entropy_coef))
+
+
+def _norm(run: Run, mb: dict) -> dict:  # the minibatch normalisers of the aggregations
+    return dict(n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"], constant=run.cfg.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class EntropyControl:
+    "An entropy control as pieces of GRPO's step; any of them, in any number, combine."
+    stops: tuple = ()  # each (run, mb, out, cov) -> (frozen, selected): tokens whose gradient is stopped, tokens chosen
+    terms: tuple = ()  # each (run, mb, out, cov) -> (loss, stats, selected): added to GRPO's loss
+    clip_high: object = None  # clip_high(options) -> upper clip range used instead of clip_eps_high (None: keep it)
+
+
+ENTROPY_CONTROLS = {  # entropy_control -> its pieces
+    "none": EntropyControl(),
+    "bonus": EntropyControl(terms=(entropy_bonus_term,)),
+    "adaptive": EntropyControl(terms=(adaptive_bonus_term,)),
+    "clip_higher": EntropyControl(clip_high=lambda o: o.clip_higher_eps),
+    "clip_cov": EntropyControl(stops=(clip_cov_stop,)),
+    "kl_cov": EntropyControl(terms=(kl_cov_term,)),
+    "high_entropy": EntropyControl(stops=(high_entropy_stop,)),
+}
+
+
 # %% ../nbs/60_entropy.ipynb #0de3472d
-ENTROPY_CONTROLS = ("none", "bonus", "adaptive", "clip_higher", "clip_cov", "kl_cov", "high_entropy")
-
-
 @dataclass
 class EntropyConfig(GRPOConfig):
     "GRPO plus one entropy control; the GRPO fields keep their meaning."
@@ -275,70 +347,40 @@ def check_entropy_options(o: EntropyConfig) -> None:
         raise RLBookError("entropy options out of range: need " + "; ".join(bad))
 
 # %% ../nbs/60_entropy.ipynb #f19ee29e
-def entropy_setup(
-    cfg,  # the run's TrainConfig
-    options: EntropyConfig | None,  # the method's options
-) -> dict:  # extra train() keyword arguments (the reference policy when beta > 0)
-    "Check the options, then GRPO's setup."
-    o = options or EntropyConfig()
-    check_entropy_options(o)
-    return grpo_setup(cfg, o)
-
-
-def policy_forward(
-    model,  # the policy
-    mb: dict,  # micro-batch in rollout layout
-    temperature: float,  # the sampling temperature
-) -> dict:  # {'logp': (B, T), 'entropy': (B, T)}, both with gradient
-    "Like rlbook.logprobs.completion_logprobs, but the entropy keeps its gradient (for the bonus)."
-    T = mb["completion_mask"].shape[1]
-    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                position_ids=position_ids_from_mask(mb["attention_mask"]), logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # (B, T, V)
-    return {"logp": token_logprobs(logits, mb["input_ids"][:, -T:], temperature),
-            "entropy": token_entropy(logits, temperature)}
-
-
-def entropy_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "GRPO's loss (@eq-grpo-loss) with the entropy control of run.options (steps 3-5 of the algorithm)."
-    o = run.options or EntropyConfig()
-    c = o.entropy_control
-    out, mask, adv = policy_forward(run.policy, mb, run.cfg.temperature), mb["completion_mask"], mb["adv"]
-    logp, ent = out["logp"], out["entropy"]
-    agg = AGGREGATIONS[o.aggregation]
-    norm = dict(n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"], constant=run.cfg.max_new_tokens)
+def entropy_objective(
+    run: Run,  # the run; run.options is an EntropyConfig
+    mb: dict,  # a micro-batch of GRPO's batch
+    out: dict,  # the policy's log-probs and entropy (with its gradient) of the micro-batch
+    *,
+    control: EntropyControl | None = None,  # the control (None: ENTROPY_CONTROLS[options.entropy_control])
+) -> tuple[torch.Tensor, dict]:  # loss, stats
+    "GRPO's loss (@eq-grpo-loss) with an entropy control's stops, terms and upper clip (steps 3-5 of the algorithm)."
+    o = run.options
+    control = ENTROPY_CONTROLS[o.entropy_control] if control is None else control
+    logp, mask, adv = out["logp"], mb["completion_mask"], mb["adv"]
     cov = token_covariance(logp, adv, mask)  # (B, T), no gradient
-    selected = torch.zeros_like(mask, dtype=torch.bool)
-    if c == "clip_cov":
-        g = torch.Generator().manual_seed(step_seed(run.cfg.seed, run.step, run.rank, salt=int(mb["input_ids"].sum())))
-        selected = clip_cov_mask(cov, mask, ratio=o.clip_cov_ratio, lb=o.clip_cov_lb, ub=o.clip_cov_ub, generator=g)
-        logp = stop_gradient(logp, selected)
-    elif c == "high_entropy":
-        selected = high_entropy_mask(ent, mask, top_frac=o.high_entropy_frac)
-        logp = stop_gradient(logp, ~selected & (mask > 0))  # only the selected tokens get a gradient
-    hi = o.clip_higher_eps if c == "clip_higher" else o.clip_eps_high
+    selected = [torch.zeros_like(mask, dtype=torch.bool)]
+    for stop in control.stops:
+        frozen, sel = stop(run, mb, out, cov)
+        logp = stop_gradient(logp, frozen)
+        selected.append(sel)
     loss, stats = grpo_loss(
         logp, mb["logp_old"], adv, mask, ref_logp=mb.get("ref_logp"), beta=0.0 if o.kl_in_reward else o.beta,
-        clip_eps_low=o.clip_eps_low, clip_eps_high=hi, ratio_fn=RATIOS[o.ratio_level], aggregate=agg,
-        kl=KL_ESTIMATORS[o.kl_estimator], **norm)
-    if c == "kl_cov":
-        selected = kl_cov_mask(cov, mask, ratio=o.kl_cov_ratio)
-        pen, st = kl_cov_loss(out["logp"], mb["logp_old"], selected, mask, coef=o.kl_cov_coef, aggregate=agg, **norm)
-        loss, stats = loss + pen, {**stats, **st}
-    H = token_mean(ent.detach(), mask).item()
-    if c in ("bonus", "adaptive"):
-        coef = o.entropy_coef if c == "bonus" else band_coef(H, low=o.entropy_low, high=o.entropy_high,
-                                                           coef_max=o.entropy_coef)
-        bonus, st = entropy_bonus_loss(ent, mask, coef=coef, aggregate=agg, **norm)
-        loss, stats = loss + bonus, {**stats, **st}
+        clip_eps_low=o.clip_eps_low, clip_eps_high=control.clip_high(o) if control.clip_high else o.clip_eps_high,
+        ratio_fn=RATIOS[o.ratio_level], aggregate=AGGREGATIONS[o.aggregation], kl=KL_ESTIMATORS[o.kl_estimator],
+        **_norm(run, mb))
+    for term in control.terms:
+        extra, st, sel = term(run, mb, out, cov)
+        loss, stats = loss + extra, {**stats, **st}
+        selected.append(sel)
     n_valid = float(mask.sum().clamp(min=1))
-    stats.update({"entropy": H, "cov/mean": float(cov.sum()) / n_valid,
-                  "frac_selected": float((selected & (mask > 0)).sum()) / n_valid})
+    stats.update({"cov/mean": float(cov.sum()) / n_valid,
+                  "frac_selected": float((_coverage(*selected) & (mask > 0)).sum()) / n_valid})
     return loss, stats
 
 
 GRPO_ENTROPY = Method(
-    name="grpo_entropy", collect=grpo_collect, loss=entropy_step, setup=entropy_setup,
-    defaults=dict(RL_DEFAULTS, **SMALL_RECIPE, minibatch_size=32), options=EntropyConfig(beta=0.0),
+    name="grpo_entropy", collect=GRPO.collect, loss=partial(pg_step, objective=entropy_objective, entropy_grad=True),
+    setup=grpo_setup, defaults=dict(RL_DEFAULTS, **SMALL_RECIPE, minibatch_size=32), options=EntropyConfig(beta=0.0),
     help="GRPO with an entropy control (--entropy-control: none, bonus, adaptive, clip_higher, clip_cov, kl_cov, "
          "high_entropy); two updates per batch so the clip acts")

@@ -4,18 +4,22 @@
 
 # %% auto #0
 __all__ = ['ADV_SCALES', 'RATIOS', 'RL_DEFAULTS', 'SMALL_RECIPE', 'GRPO', 'DR_GRPO', 'DAPO', 'LITE_PPO', 'GSPO', 'NFT',
-           'group_std', 'batch_std', 'no_std', 'zero_std_groups', 'group_advantages', 'token_ratio', 'sequence_ratio',
-           'grpo_loss', 'nft_weight', 'nft_loss', 'overlong_penalty', 'difficulty_mask', 'GRPOConfig', 'check_options',
-           'grpo_setup', 'grpo_collect', 'grpo_step', 'nft_step']
+           'group_std', 'batch_std', 'no_std', 'zero_std_groups', 'group_advantages', 'sequence_ratio', 'grpo_loss',
+           'nft_weight', 'nft_loss', 'overlong_penalty', 'difficulty_mask', 'GRPOConfig', 'check_options', 'grpo_setup',
+           'overlong_shaping', 'kl_reward_shaping', 'group_advantage', 'difficulty_keep', 'grpo_objective',
+           'nft_objective']
 
 # %% ../nbs/40_grpo.ipynb #d4b7a194
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from .logprobs import AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, kl_k1, kl_k3, seq_mean, token_mean
-from .models import RLBookError, frozen_copy, load_policy
-from .train import Method, Run, collect_rollouts
+from .logprobs import AGGREGATIONS, KL_ESTIMATORS, kl_k1, kl_k3, seq_mean, token_mean
+from .models import RLBookError
+from .ppo import clipped_surrogate, surrogate_stats, token_ratio
+from .reinforce import kl_penalised_reward, pg_collect, pg_step
+from .train import Method, Run, with_reference
 
 # %% ../nbs/40_grpo.ipynb #bb45ad7f
 def group_std(
@@ -71,15 +75,6 @@ def group_advantages(
     return adv.masked_fill(zero_std_groups(reward, group_size), 0.0)
 
 # %% ../nbs/40_grpo.ipynb #1f3b6836
-def token_ratio(
-    logp: torch.Tensor,  # (B, T) log pi_theta
-    logp_old: torch.Tensor,  # (B, T) log pi_old (the sampling policy)
-    mask: torch.Tensor,  # (B, T) 1 = completion token (unused: every token has its own ratio)
-) -> torch.Tensor:  # (B, T) rho_{i,t}
-    "Per-token importance ratio of GRPO/PPO, @eq-grpo-ratio."
-    return torch.exp(logp - logp_old)
-
-
 def sequence_ratio(
     logp: torch.Tensor,  # (B, T)
     logp_old: torch.Tensor,  # (B, T)
@@ -100,7 +95,7 @@ def grpo_loss(
     adv: torch.Tensor,  # (B,) advantages, @eq-grpo-adv
     mask: torch.Tensor,  # (B, T) 1 = completion token
     *,
-    ref_logp: torch.Tensor | None = None,  # (B, T) log pi_ref (for the KL term and the kl/ref statistic)
+    ref_logp: torch.Tensor | None = None,  # (B, T) log pi_ref (for the KL term)
     beta: float = 0.0,  # KL coefficient in the loss
     clip_eps_low: float = 0.2,  # ratio clipped below at 1 - clip_eps_low
     clip_eps_high: float = 0.2,  # ratio clipped above at 1 + clip_eps_high (DAPO: 0.28)
@@ -110,23 +105,16 @@ def grpo_loss(
     n_seqs: int | None = None,  # minibatch normalisers, see rlbook.logprobs.AGGREGATIONS
     n_tokens: float | None = None,
     constant: float | None = None,
-) -> tuple[torch.Tensor, dict]:  # scalar loss, stats (clipfrac, ratio/mean, kl/ref)
-    "Clipped group-relative surrogate plus KL penalty, aggregated over tokens: @eq-grpo-loss."
+) -> tuple[torch.Tensor, dict]:  # scalar loss, stats of `surrogate_stats` (clipfrac, approx_kl, ratio/mean, ratio/max)
+    "Clipped group-relative surrogate (chapter 14's `clipped_surrogate`) plus KL penalty, aggregated over tokens: @eq-grpo-loss."
     ratio = ratio_fn(logp, logp_old, mask)  # (B, T)
     A = adv[:, None].to(logp.dtype)  # (B, 1)
-    clipped = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
-    per_token = -torch.minimum(ratio * A, clipped * A)  # (B, T)
-    kl_tok = kl(logp, ref_logp) if ref_logp is not None else None
-    if kl_tok is not None and beta:
-        per_token = per_token + beta * kl_tok
+    obj, is_clipped = clipped_surrogate(ratio, A, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+    per_token = -obj  # (B, T)
+    if ref_logp is not None and beta:
+        per_token = per_token + beta * kl(logp, ref_logp)
     loss = aggregate(per_token, mask, n_seqs=n_seqs, n_tokens=n_tokens, constant=constant)
-    with torch.no_grad():  # the tokens whose gradient the clip removed
-        is_clipped = ((ratio < 1 - clip_eps_low) & (A < 0)) | ((ratio > 1 + clip_eps_high) & (A > 0))
-        stats = {"clipfrac": token_mean(is_clipped.float(), mask).item(),
-                 "ratio/mean": token_mean(ratio, mask).item()}
-        if kl_tok is not None:
-            stats["kl/ref"] = token_mean(kl_tok, mask).item()
-    return loss, stats
+    return loss, surrogate_stats(ratio, logp, logp_old, is_clipped, mask)
 
 # %% ../nbs/40_grpo.ipynb #2db1cf13
 def nft_weight(
@@ -241,84 +229,68 @@ def check_options(o: GRPOConfig) -> None:
 
 # %% ../nbs/40_grpo.ipynb #aa95fa9e
 def grpo_setup(
-    cfg,  # the run's TrainConfig
-    options: GRPOConfig | None,  # the method's options
-) -> dict:  # extra train() keyword arguments: {'ref': frozen reference} when beta > 0
-    "The reference policy: a frozen copy of the starting weights (none when beta == 0)."
-    o = options or GRPOConfig()
-    check_options(o)
-    if o.beta == 0:
-        return {}
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    return {"ref": frozen_copy(policy)}
-
-
-def grpo_collect(run: Run) -> tuple[dict, dict]:  # batch with 'adv' (and 'ref_logp'), step statistics
-    "Groups of rollouts, their reference log-probs, shaped rewards, filters and advantages (steps 1-4 of the algorithm)."
-    o = run.options or GRPOConfig()
-    cfg = run.cfg
-    if cfg.temperature <= 0 or cfg.group_size < 2:
+    run: Run,  # the run; run.options is a GRPOConfig
+) -> dict:  # {'ref': frozen reference} when beta > 0, else {}
+    "Checks that the run can compare G >= 2 samples per prompt, then the reference (a frozen copy of the start) when beta > 0."
+    if run.cfg.temperature <= 0 or run.cfg.group_size < 2:
         raise RLBookError("GRPO compares G >= 2 sampled completions per prompt: use temperature > 0 and group_size >= 2")
-    if o.beta > 0 and run.ref is None:
-        raise RLBookError("beta > 0 needs a reference policy: pass train(..., **grpo_setup(cfg, options))")
-    batch, stats = collect_rollouts(run)
-    G, mask = cfg.group_size, batch["completion_mask"]
-    correct = batch["reward"]  # the verifier's reward, before shaping
-    reward = correct + overlong_penalty(mask.sum(-1), cfg.max_new_tokens, o.overlong_cache, o.overlong_penalty)
-    if run.ref is not None:
-        with torch.no_grad():
-            ref_logp = completion_logprobs(run.ref, batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                           temperature=cfg.temperature)["logp"] * mask
-        batch["ref_logp"] = ref_logp
-        if o.kl_in_reward:
-            reward = reward - o.beta * (kl_k1(batch["logp_old"], ref_logp) * mask).sum(-1)
-    adv = group_advantages(reward, G, scale=ADV_SCALES[o.adv_std])
-    keep = difficulty_mask(correct, G, drop_zero_std=o.filter_groups, acc_min=o.acc_min, acc_max=o.acc_max)
-    batch["completion_mask"] = mask * keep[:, None]  # masked rows drop out of n_tokens too
-    batch["adv"] = adv * keep
+    return with_reference(run) if run.options.beta > 0 else {}
+
+
+def overlong_shaping(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,) score, stats
+    "DAPO's soft overlong punishment (@eq-overlong) added to the score (0 with overlong_cache = 0)."
+    o = run.options
+    return batch["score"] + overlong_penalty(batch["completion_mask"].sum(-1), run.cfg.max_new_tokens,
+                                             o.overlong_cache, o.overlong_penalty), {}
+
+
+def kl_reward_shaping(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,) score, stats
+    "With kl_in_reward: the score minus beta times the sequence's summed k1 (`kl_penalised_reward` of chapter reinforce)."
+    o, mask = run.options, batch["completion_mask"]
+    if not (o.kl_in_reward and "ref_logp" in batch):
+        return batch["score"], {}
+    return kl_penalised_reward(batch["score"], kl_k1(batch["logp_old"], batch["ref_logp"]) * mask, mask, o.beta), {}
+
+
+def group_advantage(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,) advantages, stats
+    "@eq-grpo-adv on the shaped score with the scale of adv_std; the group statistics that tell whether there is signal."
+    o, G, mask = run.options, run.cfg.group_size, batch["completion_mask"]
+    score, correct = batch["score"], batch["reward"]  # correct: the verifier's reward, before shaping
     batch["group_acc"] = correct.view(-1, G).mean(-1).repeat_interleave(G)
-    lengths = mask.sum(-1).float()
-    wrong = correct <= 0
-    stats.update({
-        "frac_reward_zero_std": zero_std_groups(reward, G).float().mean().item(),
-        "reward/std": reward.view(-1, G).std(-1, correction=0).mean().item(),
-        "frac_kept": keep.float().mean().item(),
+    lengths, wrong = mask.sum(-1).float(), correct <= 0
+    return group_advantages(score, G, scale=ADV_SCALES[o.adv_std]), {
+        "frac_reward_zero_std": zero_std_groups(score, G).float().mean().item(),
+        "reward/std": score.view(-1, G).std(-1, correction=0).mean().item(),
         "len/wrong": lengths[wrong].mean().item() if wrong.any() else float("nan"),
-        "len/right": lengths[~wrong].mean().item() if (~wrong).any() else float("nan"),
-    })
-    return batch, stats
+        "len/right": lengths[~wrong].mean().item() if (~wrong).any() else float("nan")}
 
 
-def _policy_logprobs(run: Run, mb: dict) -> dict:
-    return completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], mb["completion_mask"].shape[1],
-                               temperature=run.cfg.temperature, with_entropy=True)
+def difficulty_keep(run: Run, batch: dict) -> torch.Tensor:  # (B,) bool
+    "The filter of @eq-filter on the verifier's reward: DAPO's dynamic sampling and the accuracy band."
+    o = run.options
+    return difficulty_mask(batch["reward"], run.cfg.group_size, drop_zero_std=o.filter_groups, acc_min=o.acc_min,
+                           acc_max=o.acc_max)
 
 
-def grpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "Forward pass on a micro-batch and @eq-grpo-loss with the switches of run.options."
-    o = run.options or GRPOConfig()
-    out, mask = _policy_logprobs(run, mb), mb["completion_mask"]
-    loss, stats = grpo_loss(
-        out["logp"], mb["logp_old"], mb["adv"], mask, ref_logp=mb.get("ref_logp"),
+def grpo_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+    "@eq-grpo-loss on a micro-batch with the switches of run.options."
+    o = run.options
+    return grpo_loss(
+        out["logp"], mb["logp_old"], mb["adv"], mb["completion_mask"], ref_logp=mb.get("ref_logp"),
         beta=0.0 if o.kl_in_reward else o.beta, clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high,
         ratio_fn=RATIOS[o.ratio_level], aggregate=AGGREGATIONS[o.aggregation], kl=KL_ESTIMATORS[o.kl_estimator],
         n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"], constant=run.cfg.max_new_tokens)
-    stats["entropy"] = token_mean(out["entropy"], mask).item()
-    return loss, stats
 
 
-def nft_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
-    "Forward pass on a micro-batch and the NFT loss @eq-nft (plus beta * KL if a reference is loaded)."
-    o = run.options or GRPOConfig()
-    out, mask = _policy_logprobs(run, mb), mb["completion_mask"]
+def nft_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+    "The NFT loss @eq-nft on a micro-batch (plus beta * KL if a reference is loaded)."
+    o, mask = run.options, mb["completion_mask"]
     agg = dict(n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"], constant=run.cfg.max_new_tokens)
     loss, stats = nft_loss(out["logp"], mb["logp_old"], (mb["reward"] > 0).float(), mb["group_acc"], mask,
                            min_neg_ratio=o.nft_min_ratio, aggregate=AGGREGATIONS[o.aggregation], **agg)
     if mb.get("ref_logp") is not None:
         kl_tok = KL_ESTIMATORS[o.kl_estimator](out["logp"], mb["ref_logp"])
         loss = loss + o.beta * AGGREGATIONS[o.aggregation](kl_tok, mask, **agg)
-        stats["kl/ref"] = token_mean(kl_tok.detach(), mask).item()
-    stats["entropy"] = token_mean(out["entropy"], mask).item()
     return loss, stats
 
 # %% ../nbs/40_grpo.ipynb #a816f976
@@ -329,27 +301,30 @@ RL_DEFAULTS = dict(model="tiny-sft-sloppy", task="addition", batch_size=512, gro
 SMALL_RECIPE = dict(model="tiny-sft", batch_size=64, lr=1e-4, steps=200, eval_n=200)
 
 GRPO = Method(
-    name="grpo", collect=grpo_collect, loss=grpo_step, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
+    name="grpo", collect=partial(pg_collect, shaping=(overlong_shaping, kl_reward_shaping), advantage=group_advantage,
+                                 keep=difficulty_keep),
+    loss=partial(pg_step, objective=grpo_objective), setup=grpo_setup, defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.04, aggregation="seq_mean", adv_std="group"),
     help="GRPO: group-relative advantages, clipped token ratio, k3 KL in the loss, sequence-mean aggregation")
 DR_GRPO = Method(
-    name="dr_grpo", collect=grpo_collect, loss=grpo_step, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
+    name="dr_grpo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.0, aggregation="constant", adv_std="none"),
     help="Dr. GRPO: no std scaling, constant (max_new_tokens) normaliser, no KL")
 DAPO = Method(
-    name="dapo", collect=grpo_collect, loss=grpo_step, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
+    name="dapo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.0, aggregation="token_mean", clip_eps_low=0.2, clip_eps_high=0.28,
                        filter_groups=True, overlong_cache=2),
     help="DAPO: clip-higher, dynamic sampling (zero-variance groups masked), token mean, soft overlong punishment")
 LITE_PPO = Method(
-    name="lite_ppo", collect=grpo_collect, loss=grpo_step, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
+    name="lite_ppo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.0, aggregation="token_mean", adv_std="batch"),
     help="Lite PPO: group-mean / batch-std advantages, token-level aggregation, no KL")
 GSPO = Method(
-    name="gspo", collect=grpo_collect, loss=grpo_step, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
+    name="gspo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.0, ratio_level="sequence", aggregation="seq_mean", clip_eps_low=3e-4, clip_eps_high=4e-4),
     help="GSPO: length-normalised sequence ratio, clipped per sequence")
 NFT = Method(
-    name="nft", collect=grpo_collect, loss=nft_step, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
+    name="nft", collect=GRPO.collect, loss=partial(pg_step, objective=nft_objective), setup=grpo_setup,
+    defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.0, aggregation="seq_mean"),
     help="NFT: negative-aware fine-tuning (likelihood on positives and an implicit negative policy)")

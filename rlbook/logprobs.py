@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['AGGREGATIONS', 'KL_ESTIMATORS', 'token_logprobs', 'token_entropy', 'position_ids_from_mask', 'completion_logprobs',
-           'token_mean', 'seq_mean', 'seq_sum', 'constant_norm', 'kl_k1', 'kl_k2', 'kl_k3', 'exact_kl_gradients']
+           'token_mean', 'seq_mean', 'seq_sum', 'constant_norm', 'kl_k1', 'kl_k2', 'kl_k3', 'exact_kl_gradients',
+           'masked_whiten', 'last_token_mask']
 
 # %% ../nbs/02_logprobs.ipynb #f25b4123
 import torch
@@ -52,14 +53,16 @@ def position_ids_from_mask(
 
 def completion_logprobs(
     model,  # a transformers causal LM
-    input_ids: torch.Tensor,  # (B, P+T) left-padded prompt followed by right-padded completion
-    attention_mask: torch.Tensor,  # (B, P+T) 1 = real token
+    input_ids: torch.Tensor,  # (..., P+T) left-padded prompt followed by right-padded completion (any leading dims)
+    attention_mask: torch.Tensor,  # (..., P+T) 1 = real token
     n_completion: int,  # T, the number of completion columns at the end of input_ids
     temperature: float = 1.0,  # the sampling temperature of the rollout
     with_entropy: bool = False,  # also return the per-token entropy
-) -> dict:  # {'logp': (B, T)} and, if asked, {'entropy': (B, T)}
+    entropy_grad: bool = False,  # keep the entropy's gradient (an entropy bonus differentiates it)
+) -> dict:  # {'logp': (..., T)} and, if asked, {'entropy': (..., T)}
     "One forward pass; log pi(y_t | x, y_<t) for every completion column (@eq-token-logp)."
-    T = n_completion
+    T, lead = n_completion, input_ids.shape[:-1]
+    input_ids, attention_mask = input_ids.reshape(-1, input_ids.shape[-1]), attention_mask.reshape(-1, input_ids.shape[-1])
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -68,10 +71,10 @@ def completion_logprobs(
         use_cache=False,
     )
     logits = out.logits[:, :-1]  # (B, T, V): column P-1+t predicts completion token t
-    res = {"logp": token_logprobs(logits, input_ids[:, -T:], temperature)}
+    res = {"logp": token_logprobs(logits, input_ids[:, -T:], temperature).view(*lead, T)}
     if with_entropy:
-        with torch.no_grad():
-            res["entropy"] = token_entropy(logits, temperature)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            res["entropy"] = token_entropy(logits, temperature).view(*lead, T)
     return res
 
 # %% ../nbs/02_logprobs.ipynb #d2282532
@@ -175,3 +178,33 @@ def exact_kl_gradients(
         kl = (logp.exp() * (logp - ref)).sum() if name == "reverse" else (ref.exp() * (ref - logp)).sum()
         res["exact_" + name] = torch.autograd.grad(kl, th)[0]
     return res
+
+# %% ../nbs/02_logprobs.ipynb #d732320c
+def masked_whiten(
+    x: torch.Tensor,  # (B, T) values, or (B,) values broadcast over each row's tokens
+    mask: torch.Tensor | None = None,  # (B, T) 1 = counted (None: all of x)
+    *,
+    shift_mean: bool = True,  # subtract the mean (False: only divide by the std)
+    eps: float = 1e-8,  # added to the std
+) -> torch.Tensor:  # mask's shape (x's without a mask), 0 where mask is 0
+    "@eq-masked-whiten: (x - mean) / std over the counted entries (unbiased std); 0 on padding and for fewer than 2 entries."
+    if mask is not None and x.dim() < mask.dim():
+        x = x[:, None].expand(mask.shape)
+    m = torch.ones_like(x) if mask is None else mask.float()
+    n = m.sum()
+    if n < 2:
+        return torch.zeros_like(x)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1)
+    out = (x - mean) if shift_mean else x
+    return out / (var.sqrt() + eps) * m
+
+
+def last_token_mask(
+    mask: torch.Tensor,  # (B, T) 1 up to and including the last real token, then 0
+) -> torch.Tensor:  # (B, T) float: 1 at the last column with mask 1 of each row (an all-zero row: all 0)
+    "Where a sequence reward lands on the tokens: the last real token of each row."
+    m = mask.float()
+    idx = (m * torch.arange(1, m.shape[1] + 1, device=m.device)).argmax(-1)  # (B,) last position with mask 1
+    return torch.nn.functional.one_hot(idx, m.shape[1]).float() * (m.sum(-1, keepdim=True) > 0)
+

@@ -6,22 +6,23 @@
 __all__ = ['NASH_MD', 'INPO', 'SPPO', 'DNO', 'geometric_mixture', 'nash_md_eta', 'nash_md_step', 'nash_mp_step', 'inpo_step',
            'sppo_step', 'dno_step', 'spo_step', 'inpo_loss', 'sppo_loss', 'dno_loss', 'minimise_logits', 'run_exact',
            'PreferenceConfig', 'NashMDConfig', 'INPOConfig', 'SPPOConfig', 'DNOConfig', 'GeometricMixture',
-           'preference_collect', 'leave_one_out_winrate', 'sppo_step_loss', 'inpo_step_loss', 'dno_step_loss',
-           'nash_md_pg_loss', 'nash_md_step_loss', 'preference_setup']
+           'self_play_preferences', 'mixture_preferences', 'preference_collect', 'leave_one_out_winrate',
+           'sppo_objective', 'inpo_objective', 'dno_objective', 'nash_md_pg_loss', 'nash_md_objective']
 
 # %% ../nbs/51_nash.ipynb #ff02601a
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from .logprobs import completion_logprobs, token_mean
-from .models import RLBookError, frozen_copy, load_policy
+from .models import RLBookError
 from .preferences import duality_gap, kl_categorical, mirror_prox_logits, nash_equilibrium
 from .rollout import generate
 from .tasks import CyclicOracle, preference_matrix
-from .train import Method, Run, collect_rollouts
+from .reinforce import pg_step
+from .train import Method, Run, collect_rollouts, with_reference
 
 # %% ../nbs/51_nash.ipynb #eca8f3a3
 def geometric_mixture(
@@ -265,53 +266,64 @@ class GeometricMixture(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=(a.past_key_values, b.past_key_values))
 
 
-def _seq_logp(model, ids, attn, T, temperature) -> torch.Tensor:  # (B, T) token log-probs
-    return completion_logprobs(model, ids, attn, T, temperature=temperature)["logp"]
+def _labels(run: Run, pref: torch.Tensor) -> torch.Tensor:  # (n, G, G) one sampled 0/1 label per entry
+    return (torch.rand(pref.shape, generator=run.generator(salt=13)) < pref).float()
 
 
-def preference_collect(run: Run) -> tuple[dict, dict]:  # batch with one row per prompt, stats
-    "Sample G completions per prompt, score every pair with the oracle; Nash-MD also samples G from the mixture."
-    cfg, opt = run.cfg, run.options
+def self_play_preferences(
+    run: Run,  # the run; run.options a PreferenceConfig
+    ro: dict,  # the step's rollouts (collect_rollouts), G consecutive completions per prompt
+    n: int,  # number of prompts
+) -> torch.Tensor:  # (n, G, G) P(y_i > y_j) within each prompt's group
+    "Every pair of a prompt's G completions judged by the oracle; sampled labels stay antisymmetric (1/2 on the diagonal)."
+    G, comps = run.cfg.group_size, ro["completions"]
+    oracle = CyclicOracle(strength=run.options.oracle_strength)
+    pref = torch.stack([preference_matrix(oracle, "", comps[g * G:(g + 1) * G]) for g in range(n)])  # (n, G, G)
+    if run.options.soft_labels:
+        return pref
+    lab = _labels(run, pref)  # the label of each pair i < j, its mirror 1 - label
+    return torch.triu(lab, 1) + torch.tril(1 - lab.transpose(1, 2), -1) + 0.5 * torch.eye(G)
+
+
+def mixture_preferences(
+    run: Run,  # the run; run.options a NashMDConfig
+    ro: dict,  # the step's rollouts
+    n: int,  # number of prompts
+) -> torch.Tensor:  # (n, G, G) P(y_i > y'_j) against G samples y' of the mixture per prompt
+    "Nash-MD's opponents: G samples of the geometric mixture (@eq-nash-md) per prompt, judged against each completion."
+    opt, cfg, G, comps = run.options, run.cfg, run.cfg.group_size, ro["completions"]
+    oracle = CyclicOracle(strength=opt.oracle_strength)
+    mix = GeometricMixture(run.model, run.ref, opt.eta * opt.beta)
+    prompts = [ro["examples"][g * G].prompt for g in range(n)]
+    opp = generate(mix, run.tokenizer, prompts, group_size=G, max_new_tokens=cfg.max_new_tokens,
+                   temperature=cfg.temperature, generator=run.generator(salt=11)).completions
+    pref = torch.tensor([[[oracle.prob("", comps[g * G + i], opp[g * G + j]) for j in range(G)] for i in range(G)]
+                         for g in range(n)])  # (n, G, G)
+    return pref if opt.soft_labels else _labels(run, pref)
+
+
+def preference_collect(
+    run: Run,  # the run; run.options a PreferenceConfig
+    *,
+    preferences=self_play_preferences,  # (run, rollouts, n) -> (n, G, G): each completion's preference over its opponents
+) -> tuple[dict, dict]:  # Batch with one row per prompt, stats
+    "The book's one collect (samples, rewards, reference log-probs and KL), regrouped by prompt, with the preferences."
+    cfg = run.cfg
     G = cfg.group_size
     if G < 2:
         raise RLBookError(f"preference methods compare completions of one prompt: group_size must be >= 2, got {G}")
     if run.ref is None:
-        raise RLBookError("preference methods need a reference policy (train(..., ref=frozen_copy(policy)))")
+        raise RLBookError("preference methods need a reference policy (Method.setup=with_reference)")
     ro, stats = collect_rollouts(run)
     n, T = len(ro["examples"]) // G, ro["completion_mask"].shape[1]
-    oracle = CyclicOracle(strength=opt.oracle_strength)
-    comps = ro["completions"]
-    if isinstance(opt, NashMDConfig):  # opponents: G samples of the geometric mixture per prompt
-        mix = GeometricMixture(run.model, run.ref, opt.eta * opt.beta)
-        prompts = [ro["examples"][g * G].prompt for g in range(n)]
-        opp = generate(mix, run.tokenizer, prompts, group_size=G, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, generator=run.generator(salt=11)).completions
-        pref = torch.tensor([[[oracle.prob("", comps[g * G + i], opp[g * G + j]) for j in range(G)] for i in range(G)]
-                             for g in range(n)])  # (n, G, G)
-    else:
-        pref = torch.stack([preference_matrix(oracle, "", comps[g * G:(g + 1) * G]) for g in range(n)])  # (n, G, G)
-    if not opt.soft_labels:  # one sampled label per pair, antisymmetric
-        u = torch.rand(pref.shape, generator=run.generator(salt=13))
-        lab = (u < pref).float()
-        pref = lab if isinstance(opt, NashMDConfig) else torch.triu(lab, 1) + torch.tril(1 - lab.transpose(1, 2), -1) + 0.5 * torch.eye(G)
-    with torch.no_grad():
-        ref_logp = _seq_logp(run.ref, ro["input_ids"], ro["attention_mask"], T, cfg.temperature)
+    pref = preferences(run, ro, n)
     mask = ro["completion_mask"]
-    cls = torch.tensor([len(c) % 3 for c in comps])
+    cls = torch.tensor([len(c) % 3 for c in ro["completions"]])
     batch = {"input_ids": ro["input_ids"].view(n, G, -1), "attention_mask": ro["attention_mask"].view(n, G, -1),
-             "completion_mask": mask.view(n, G, T), "logp_old": (ro["logp_old"] * mask).sum(-1).view(n, G),
-             "ref_logp": (ref_logp * mask).sum(-1).view(n, G), "pref": pref.to(run.device)}
+             "completion_mask": mask.view(n, G, T), "seq_logp_old": (ro["logp_old"] * mask).sum(-1).view(n, G),
+             "ref_seq_logp": (ro["ref_logp"] * mask).sum(-1).view(n, G), "pref": pref.to(run.device)}
     stats.update({f"class/{k}": (cls == k).float().mean().item() for k in range(3)})
-    stats["kl/ref"] = token_mean(ro["logp_old"] - ref_logp, mask).item()  # per token
-    stats["kl/seq"] = (batch["logp_old"] - batch["ref_logp"]).mean().item()  # per completion
     return batch, stats
-
-
-def _forward(run: Run, mb: dict) -> torch.Tensor:  # (n, G) sequence log-probs under the current policy
-    n, G, L = mb["input_ids"].shape
-    T = mb["completion_mask"].shape[-1]
-    logp = _seq_logp(run.policy, mb["input_ids"].view(n * G, L), mb["attention_mask"].view(n * G, L), T, run.cfg.temperature)
-    return (logp * mb["completion_mask"].view(n * G, T)).sum(-1).view(n, G)
 
 
 def leave_one_out_winrate(pref: torch.Tensor) -> torch.Tensor:  # (n, G) estimate of P(y_i ≻ pi_t)
@@ -325,32 +337,38 @@ def _pairs(x: torch.Tensor) -> torch.Tensor:  # (n, G) -> (n * G(G-1)/2,) differ
     return (x[:, i] - x[:, j]).flatten()
 
 
-def sppo_step_loss(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+def _seq(mb: dict, out: dict) -> torch.Tensor:  # (n, G) sequence log-probs under the current policy
+    return (out["logp"] * mb["completion_mask"]).sum(-1)
+
+
+def sppo_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "SPPO on a micro-batch: @eq-sppo with leave-one-out win rates."
-    seq = _forward(run, mb)
+    seq = _seq(mb, out)
     n, G = seq.shape
     w = torch.full((n * G,), 1.0 / (mb["n_seqs"] * G), device=seq.device)
-    return sppo_loss((seq - mb["logp_old"]).flatten(), leave_one_out_winrate(mb["pref"]).flatten(), eta=run.options.eta, weight=w)
+    return sppo_loss((seq - mb["seq_logp_old"]).flatten(), leave_one_out_winrate(mb["pref"]).flatten(),
+                     eta=run.options.eta, weight=w)
 
 
-def inpo_step_loss(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+def inpo_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "INPO on a micro-batch: @eq-inpo-loss over all pairs i < j of each group."
-    seq = _forward(run, mb)
+    seq = _seq(mb, out)
     n, G = seq.shape
     i, j = torch.triu_indices(G, G, 1)
     pref = mb["pref"][:, i, j].flatten()
     w = torch.full_like(pref, 1.0 / (mb["n_seqs"] * len(i)))
     o = run.options
-    return inpo_loss(_pairs(seq), _pairs(mb["ref_logp"]), _pairs(mb["logp_old"]), pref, eta=o.eta, beta=o.beta, weight=w)
+    return inpo_loss(_pairs(seq), _pairs(mb["ref_seq_logp"]), _pairs(mb["seq_logp_old"]), pref, eta=o.eta, beta=o.beta,
+                     weight=w)
 
 
-def dno_step_loss(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+def dno_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "DNO-Base on a micro-batch: @eq-dno with r_t = leave-one-out win rates."
-    seq = _forward(run, mb)
+    seq = _seq(mb, out)
     n, G = seq.shape
     target = torch.sigmoid(_pairs(leave_one_out_winrate(mb["pref"])))
     w = torch.full_like(target, 1.0 / (mb["n_seqs"] * (G * (G - 1) // 2)))
-    return dno_loss(_pairs(seq), _pairs(mb["logp_old"]), target, eta=run.options.eta, weight=w)
+    return dno_loss(_pairs(seq), _pairs(mb["seq_logp_old"]), target, eta=run.options.eta, weight=w)
 
 
 def nash_md_pg_loss(
@@ -368,31 +386,26 @@ def nash_md_pg_loss(
     return loss, {"adv/mean": adv.mean().item()}
 
 
-def nash_md_step_loss(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+def nash_md_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Nash-MD-PG on a micro-batch."
-    seq = _forward(run, mb)
+    seq = _seq(mb, out)
     n, G = seq.shape
     w = torch.full((n * G,), 1.0 / (mb["n_seqs"] * G), device=seq.device)
-    return nash_md_pg_loss(seq.flatten(), mb["pref"].mean(-1).flatten(), (mb["logp_old"] - mb["ref_logp"]).flatten(),
-                           beta=run.options.beta, weight=w)
-
-
-def preference_setup(cfg, options) -> dict:  # extra train() kwargs: the frozen reference
-    "The reference policy: a frozen copy of the starting model."
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    return {"ref": frozen_copy(policy)}
+    return nash_md_pg_loss(seq.flatten(), mb["pref"].mean(-1).flatten(),
+                           (mb["seq_logp_old"] - mb["ref_seq_logp"]).flatten(), beta=run.options.beta, weight=w)
 
 
 _DEFAULTS = dict(model="tiny-sft", steps=40, batch_size=64, group_size=4, lr=3e-4, max_new_tokens=8, eval_every=0, eval_n=100)
-NASH_MD = Method(name="nash_md", collect=preference_collect, loss=nash_md_step_loss, options=NashMDConfig(),
-                 defaults=_DEFAULTS, setup=preference_setup,
+NASH_MD = Method(name="nash_md", collect=partial(preference_collect, preferences=mixture_preferences),
+                 loss=partial(pg_step, objective=nash_md_objective), options=NashMDConfig(), defaults=_DEFAULTS,
+                 setup=with_reference,
                  help="Nash-MD-PG: play against a geometric mixture of policy and reference (general preferences)")
-INPO = Method(name="inpo", collect=preference_collect, loss=inpo_step_loss, options=INPOConfig(),
-              defaults={**_DEFAULTS, "epochs": 2}, setup=preference_setup,
+INPO = Method(name="inpo", collect=preference_collect, loss=partial(pg_step, objective=inpo_objective),
+              options=INPOConfig(), defaults={**_DEFAULTS, "epochs": 2}, setup=with_reference,
               help="INPO: no-regret self-play via a squared loss on preference pairs")
-SPPO = Method(name="sppo", collect=preference_collect, loss=sppo_step_loss, options=SPPOConfig(),
-              defaults={**_DEFAULTS, "epochs": 2}, setup=preference_setup,
+SPPO = Method(name="sppo", collect=preference_collect, loss=partial(pg_step, objective=sppo_objective),
+              options=SPPOConfig(), defaults={**_DEFAULTS, "epochs": 2}, setup=with_reference,
               help="SPPO: regress log-ratios on self-play win rates (multiplicative weights)")
-DNO = Method(name="dno", collect=preference_collect, loss=dno_step_loss, options=DNOConfig(),
-             defaults={**_DEFAULTS, "epochs": 2}, setup=preference_setup,
+DNO = Method(name="dno", collect=preference_collect, loss=partial(pg_step, objective=dno_objective),
+             options=DNOConfig(), defaults={**_DEFAULTS, "epochs": 2}, setup=with_reference,
              help="DNO: batched on-policy contrastive regression on self-play win rates")

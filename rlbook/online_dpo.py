@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ONLINE_DEFAULTS', 'ONLINE_DPO', 'XPO', 'SPIN', 'HYPO', 'xpo_bonus_loss', 'online_kl_loss', 'label_rollout_pairs',
-           'sync_reference', 'OnlineDPOConfig', 'online_setup', 'online_dpo_collect', 'spin_collect', 'hypo_collect',
-           'online_dpo_step', 'hypo_step']
+           'sync_reference', 'OnlineDPOConfig', 'online_dpo_collect', 'spin_collect', 'hypo_collect', 'online_dpo_step',
+           'hypo_step']
 
 # %% ../nbs/31_online_dpo.ipynb #85281fae
 from dataclasses import dataclass
@@ -14,10 +14,10 @@ import torch
 
 from .dpo import (DPOConfig, PreferenceTask, TaskGold, dpo_loss, dpo_setup, encode_preferences,
                         epoch_indices, pair_logprobs)
-from .models import RLBookError, frozen_copy, load_policy
+from .models import RLBookError
 from .rollout import generate
 from .tasks import BradleyTerryOracle
-from .train import Method, Run, collect_rollouts, shard, step_seed
+from .train import Method, Run, collect_rollouts, shard, step_seed, with_reference
 
 # %% ../nbs/31_online_dpo.ipynb #3f208447
 def xpo_bonus_loss(
@@ -94,17 +94,6 @@ class OnlineDPOConfig(DPOConfig):
             raise RLBookError("ref_sync_every, xpo_alpha and online_kl must be >= 0")
 
 
-def online_setup(
-    cfg,  # the run's TrainConfig
-    options: OnlineDPOConfig | None,  # the method's options
-) -> dict:  # {'ref': frozen copy of the starting policy}
-    "The reference policy (no dataset: online methods sample their own pairs)."
-    o = options or OnlineDPOConfig()
-    o.check()
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    return {"ref": frozen_copy(policy)}
-
-
 def _ref_logps(run: Run, batch: dict, names: tuple) -> None:
     with torch.no_grad():
         ref = pair_logprobs(run.ref, batch, names)
@@ -118,7 +107,7 @@ def online_dpo_collect(run: Run) -> tuple[dict, dict]:  # one row per labelled p
     if cfg.group_size != 2 or cfg.temperature <= 0:
         raise RLBookError("online DPO samples a pair per prompt: use group_size=2 and temperature > 0")
     synced = sync_reference(run, o.ref_sync_every)
-    ro, stats = collect_rollouts(run)
+    ro, stats = collect_rollouts(run, reference=False)  # the pairs get their reference log-probs below
     oracle = BradleyTerryOracle(reward_fn=TaskGold(run.task, partial=o.gold_partial), beta=o.oracle_beta,
                                 label_noise=o.label_noise)
     recs, st = label_rollout_pairs(ro["examples"], ro["completions"], oracle, run.generator(salt=31))
@@ -193,13 +182,13 @@ def hypo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
 ONLINE_DEFAULTS = dict(model="tiny-sft", task="addition", steps=100, batch_size=64, group_size=2, lr=1e-5,
                        max_new_tokens=8, temperature=1.0, eval_every=25, eval_n=200)  # 32 pairs per step
 
-ONLINE_DPO = Method(name="online_dpo", collect=online_dpo_collect, loss=online_dpo_step, setup=online_setup,
+ONLINE_DPO = Method(name="online_dpo", collect=online_dpo_collect, loss=online_dpo_step, setup=with_reference,
                     defaults=dict(ONLINE_DEFAULTS), options=OnlineDPOConfig(),
                     help="online DPO: pairs sampled from the current policy, labelled by the gold oracle (ref_sync_every: iterative DPO)")
-XPO = Method(name="xpo", collect=online_dpo_collect, loss=online_dpo_step, setup=online_setup,
+XPO = Method(name="xpo", collect=online_dpo_collect, loss=online_dpo_step, setup=with_reference,
              defaults=dict(ONLINE_DEFAULTS), options=OnlineDPOConfig(xpo_alpha=1e-2),
              help="XPO: online DPO plus an exploration bonus against reference samples")
-SPIN = Method(name="spin", collect=spin_collect, loss=online_dpo_step, setup=online_setup,
+SPIN = Method(name="spin", collect=spin_collect, loss=online_dpo_step, setup=with_reference,
               defaults=dict(ONLINE_DEFAULTS, group_size=1, batch_size=32), options=OnlineDPOConfig(ref_sync_every=25),
               help="SPIN: self-play, SFT answers beat the policy's own samples; reference refreshed every ref_sync_every steps")
 HYPO = Method(name="hypo", collect=hypo_collect, loss=hypo_step, setup=dpo_setup,

@@ -10,12 +10,12 @@ import math
 import numpy as np
 import torch
 
-from .logprobs import token_mean
+from .logprobs import last_token_mask, masked_whiten, token_mean
 
 # %% auto #0
-__all__ = ['td_errors', 'gae_advantages', 'last_token_mask', 'token_rewards', 'masked_whiten', 'ppo_policy_loss',
-           'mdpo_policy_loss', 'clipped_surrogate_curve', 'plot_ppo_clip', 'explore_ppo_clip', 'value_loss',
-           'ActorCritic', 'cartpole_ppo']
+__all__ = ['td_errors', 'gae_advantages', 'token_rewards', 'token_ratio', 'clipped_surrogate', 'surrogate_stats',
+           'ppo_policy_loss', 'mdpo_policy_loss', 'clipped_surrogate_curve', 'plot_ppo_clip', 'explore_ppo_clip',
+           'value_loss', 'ActorCritic', 'cartpole_ppo']
 
 # %% ../nbs/14_ppo.ipynb #2b7e35ca
 def td_errors(
@@ -64,48 +64,58 @@ def gae_advantages(
     return adv, (adv + value) if mask is None else (adv + value) * mask.float()
 
 # %% ../nbs/14_ppo.ipynb #b28963d0
-def last_token_mask(
-    mask: torch.Tensor,  # (B, T) completion mask, 1 up to and including EOS, then 0
-) -> torch.Tensor:  # (B, T) 1 at the last real token of each row (all-zero row: all 0)
-    "Where the sequence reward lands: the last column with mask 1 of each row."
-    m = mask.float()
-    idx = (m * torch.arange(1, m.shape[1] + 1, device=m.device)).argmax(-1)  # (B,) last position with mask 1
-    return torch.nn.functional.one_hot(idx, m.shape[1]).float() * (m.sum(-1, keepdim=True) > 0)
-
-
 def token_rewards(
     score: torch.Tensor,  # (B,) sequence reward R(x, y) (verifier or reward model)
     mask: torch.Tensor,  # (B, T) completion mask
     *,
-    logp_old: torch.Tensor | None = None,  # (B, T) log pi_old of the sampled tokens
-    ref_logp: torch.Tensor | None = None,  # (B, T) log pi_ref of the same tokens
+    kl: torch.Tensor | None = None,  # (B, T) per-token k1 = log pi_old - log pi_ref of the sampled tokens (None: no KL)
     beta: float = 0.0,  # KL coefficient (0: no KL in the reward)
-) -> tuple[torch.Tensor, torch.Tensor]:  # rewards (B, T), per-token k1 (B, T) (zeros if no reference)
-    "@eq-token-reward: r_t = -beta k1_t on every token, plus R(x, y) on the last real token."
+) -> torch.Tensor:  # (B, T) token rewards
+    "@eq-token-reward: r_t = -beta k1_t on every token, plus R(x, y) on the last real token (`last_token_mask`, chapter logprobs)."
     m = mask.float()
-    k1 = (logp_old - ref_logp) * m if (logp_old is not None and ref_logp is not None) else torch.zeros_like(m)
-    return -beta * k1 + last_token_mask(m) * score.float()[:, None], k1
-
-# %% ../nbs/14_ppo.ipynb #7eac1775
-def masked_whiten(
-    x: torch.Tensor,  # (B, T) or (B,) values
-    mask: torch.Tensor | None = None,  # same shape, 1 = counted (None: all)
-    *,
-    shift_mean: bool = True,  # subtract the mean (False: only divide by the std)
-    eps: float = 1e-8,  # added to the std
-) -> torch.Tensor:  # same shape, 0 where mask is 0
-    "(x - mean) / std over the counted entries (unbiased std); 0 on padding and for fewer than 2 entries."
-    m = torch.ones_like(x) if mask is None else mask.float()
-    n = m.sum()
-    if n < 2:
-        return torch.zeros_like(x)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1)
-    out = (x - mean) if shift_mean else x
-    return out / (var.sqrt() + eps) * m
+    k1 = kl * m if kl is not None else torch.zeros_like(m)
+    return -beta * k1 + last_token_mask(m) * score.float()[:, None]
 
 # %% ../nbs/14_ppo.ipynb #57fc7cad
-def _ppo_stats(ratio, logp, logp_old, is_clipped, mask) -> dict:
+def token_ratio(
+    logp: torch.Tensor,  # (B, T) log pi_theta
+    logp_old: torch.Tensor,  # (B, T) log pi_old (the sampling policy)
+    mask: torch.Tensor,  # (B, T) 1 = completion token (unused: every token has its own ratio)
+) -> torch.Tensor:  # (B, T) rho_t
+    "The per-token importance ratio pi_theta / pi_old of @eq-ppo-clip."
+    return torch.exp(logp - logp_old)
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor,  # (B, T) importance ratios rho
+    adv: torch.Tensor,  # (B, T) advantages (no gradient)
+    *,
+    clip_eps_low: float = 0.2,  # the ratio is clipped below at 1 - clip_eps_low ...
+    clip_eps_high: float = 0.2,  # ... and above at 1 + clip_eps_high
+    dual_clip: float = 0.0,  # c > 1 bounds the objective of negative-advantage tokens at c A (@eq-dual-clip); 0 = off
+) -> tuple[torch.Tensor, torch.Tensor]:  # objective l_t (B, T) (to maximise), is_clipped (B, T) bool
+    "The one clipped surrogate of the book, per token: @eq-ppo-clip min(rho A, clip(rho) A), and @eq-dual-clip."
+    clipped = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
+    obj = torch.minimum(ratio * adv, clipped * adv)  # (B, T)
+    is_clipped = ((ratio > 1 + clip_eps_high) & (adv > 0)) | ((ratio < 1 - clip_eps_low) & (adv < 0))
+    if dual_clip:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {dual_clip}")
+        lower = dual_clip * adv
+        bounded = (adv < 0) & (obj < lower)
+        obj = torch.where(adv < 0, torch.maximum(obj, lower), obj)
+        is_clipped = is_clipped | bounded
+    return obj, is_clipped
+
+
+def surrogate_stats(
+    ratio: torch.Tensor,  # (B, T) importance ratios
+    logp: torch.Tensor,  # (B, T) log pi_theta
+    logp_old: torch.Tensor,  # (B, T) log pi_old
+    is_clipped: torch.Tensor,  # (B, T) bool: tokens whose gradient the clip removed
+    mask: torch.Tensor,  # (B, T) 1 = counted token
+) -> dict:  # clipfrac, approx_kl, ratio/mean, ratio/max
+    "The diagnostics of a ratio-based loss: how much was clipped and how far the policy moved from the sampler."
     with torch.no_grad():
         log_r = (logp - logp_old).float()
         return {"clipfrac": token_mean(is_clipped.float(), mask).item(),
@@ -120,27 +130,23 @@ def ppo_policy_loss(
     adv: torch.Tensor,  # (B, T) advantages (or (B,), broadcast over tokens)
     mask: torch.Tensor,  # (B, T) 1 = counted token
     *,
-    clip_eps: float = 0.2,  # epsilon: the ratio is clipped to [1 - eps, 1 + eps]
+    clip_eps: float = 0.2,  # epsilon: the ratio is clipped to [1 - eps, 1 + eps] ...
+    clip_eps_high: float | None = None,  # ... or to [1 - eps, 1 + clip_eps_high] (None: clip_eps)
     dual_clip: float = 0.0,  # c > 1 bounds the loss of negative-advantage tokens at -c A (@eq-dual-clip); 0 = off
+    ratio_fn=token_ratio,  # (logp, logp_old, mask) -> (B, T) ratios
     aggregate=token_mean,  # aggregation of rlbook.logprobs
     n_seqs: int | None = None,  # minibatch normalisers (see rlbook.logprobs)
     n_tokens: float | None = None,
+    constant: float | None = None,
 ) -> tuple[torch.Tensor, dict]:  # loss, stats (clipfrac, approx_kl, ratio/mean, ratio/max)
     "Clipped surrogate @eq-ppo-clip (and dual-clip @eq-dual-clip), returned as a loss: -agg(l_t)."
-    A = (adv[:, None] if adv.dim() < logp.dim() else adv).to(logp.dtype).detach()  # (B, T) or (B,)
-    ratio = torch.exp(logp - logp_old)  # (B, T)
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    obj = torch.minimum(ratio * A, clipped * A)  # (B, T)
-    is_clipped = ((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))
-    if dual_clip:
-        if dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (or 0 = off), got {dual_clip}")
-        lower = dual_clip * A
-        bounded = (A < 0) & (obj < lower)
-        obj = torch.where(A < 0, torch.maximum(obj, lower), obj)
-        is_clipped = is_clipped | bounded
-    loss = -aggregate(obj, mask, n_seqs=n_seqs, n_tokens=n_tokens)
-    return loss, _ppo_stats(ratio, logp, logp_old, is_clipped, mask)
+    A = (adv[:, None] if adv.dim() < logp.dim() else adv).to(logp.dtype).detach()  # (B, T) or (B, 1)
+    ratio = ratio_fn(logp, logp_old, mask)  # (B, T)
+    obj, is_clipped = clipped_surrogate(ratio, A, clip_eps_low=clip_eps,
+                                        clip_eps_high=clip_eps if clip_eps_high is None else clip_eps_high,
+                                        dual_clip=dual_clip)
+    loss = -aggregate(obj, mask, n_seqs=n_seqs, n_tokens=n_tokens, constant=constant)
+    return loss, surrogate_stats(ratio, logp, logp_old, is_clipped, mask)
 
 
 def mdpo_policy_loss(
@@ -160,7 +166,7 @@ def mdpo_policy_loss(
     ratio = torch.exp(log_r)
     kl = ratio * log_r - ratio + 1.0  # >= 0, mean under pi_old = KL(pi_theta || pi_old)
     loss = -aggregate(ratio * A - kl_coef * kl, mask, n_seqs=n_seqs, n_tokens=n_tokens)
-    stats = _ppo_stats(ratio, logp, logp_old, torch.zeros_like(mask, dtype=torch.bool), mask)
+    stats = surrogate_stats(ratio, logp, logp_old, torch.zeros_like(mask, dtype=torch.bool), mask)
     stats["kl/old"] = token_mean(kl.detach(), mask).item()
     return loss, stats
 

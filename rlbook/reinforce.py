@@ -6,21 +6,23 @@
 __all__ = ['PG_DEFAULTS', 'REINFORCE', 'RLOO', 'REMAX', 'REINFORCE_PP', 'score_function', 'reinforce_estimates',
            'leave_one_out_baseline', 'batch_mean_baseline', 'optimal_baseline', 'exact_estimator_variance',
            'discounted_returns', 'pg_loss', 'reinforce_advantages', 'rloo_advantages', 'remax_advantages',
-           'reinforce_pp_advantages', 'masked_whiten', 'mlp', 'run_episodes', 'cartpole_reinforce', 'PGConfig',
-           'kl_penalised_reward', 'greedy_rewards', 'reinforce_adv', 'rloo_adv', 'remax_adv', 'reinforce_pp_adv',
-           'reference_kl', 'pg_collect', 'pg_step', 'pg_setup', 'gradient_draws', 'OffsetAddition']
+           'reinforce_pp_advantages', 'mlp', 'run_episodes', 'cartpole_reinforce', 'PGConfig', 'kl_penalised_reward',
+           'kl_shaping', 'greedy_rewards', 'reinforce_adv', 'rloo_adv', 'remax_adv', 'reinforce_pp_adv', 'pg_advantage',
+           'pg_collect', 'pg_step', 'pg_objective', 'gradient_draws', 'OffsetAddition']
 
 # %% ../nbs/11_reinforce.ipynb #b873fb3e
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from .logprobs import AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, seq_sum, token_mean
-from .models import RLBookError, frozen_copy, load_policy
+from .logprobs import (AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, last_token_mask, masked_whiten, seq_sum,
+                             token_mean)
+from .models import RLBookError
 from .rollout import generate
 from .tasks import Addition, Example, register_task
-from .train import Method, Run, TrainConfig, collect_rollouts, score
+from .train import Method, Run, TrainConfig, build_run, collect_rollouts, score, with_reference
 
 # %% ../nbs/11_reinforce.ipynb #bfb4cb70
 def score_function(
@@ -150,23 +152,9 @@ def reinforce_pp_advantages(
     gamma: float = 1.0,  # discount of the reward-to-go
 ) -> torch.Tensor:  # (B, T) reward-to-go of the KL-shaped token rewards (normalise with masked_whiten)
     "REINFORCE++ before normalisation, @eq-reinforce-pp: -beta*KL per token, r at the last token, reward-to-go."
-    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # (B, T) the last counted token
-    token_r = -beta * kl * mask + last * reward[:, None]
+    token_r = -beta * kl * mask + last_token_mask(mask) * reward[:, None]
     return discounted_returns(token_r, mask, gamma)
 
-
-def masked_whiten(
-    adv: torch.Tensor,  # (B,) or (B, T) advantages
-    mask: torch.Tensor,  # (B, T) 1 = counted token
-    eps: float = 1e-8,  # added to the standard deviation
-) -> torch.Tensor:  # (B, T) (A - mean) / (std + eps) over all counted tokens, 0 on padding
-    "Global (batch) advantage normalisation of REINFORCE++, @eq-reinforce-pp."
-    adv_t = adv[:, None].expand(mask.shape) if adv.dim() == 1 else adv
-    m = mask.bool()
-    vals = adv_t[m]
-    if vals.numel() < 2:
-        return torch.zeros_like(adv_t)
-    return torch.where(m, (adv_t - vals.mean()) / (vals.std() + eps), torch.zeros_like(adv_t))
 
 # %% ../nbs/11_reinforce.ipynb #7dd66dd4
 def mlp(
@@ -278,6 +266,19 @@ def kl_penalised_reward(
     "Sequence-level KL-in-reward, the objective @eq-kl-objective with a sampled KL."
     return reward - beta * (kl * mask).sum(-1)
 
+
+def kl_shaping(
+    run: Run,  # the run; run.options is a PGConfig
+    batch: dict,  # from collect_rollouts, with score and ref_logp
+) -> tuple[torch.Tensor, dict]:  # (B,) score - beta * sum_t KL_t, stats
+    "The reward shaping of the four methods: the sequence KL to the reference (estimator kl_estimator) folded into the score when beta > 0."
+    o = run.options
+    if o.beta == 0:
+        return batch["score"], {}
+    mask = batch["completion_mask"]
+    kl = KL_ESTIMATORS[o.kl_estimator](batch["logp_old"], batch["ref_logp"]) * mask  # (B, T)
+    return kl_penalised_reward(batch["score"], kl, mask, o.beta), {}
+
 # %% ../nbs/11_reinforce.ipynb #ff13e05e
 def greedy_rewards(
     run: Run,  # the run (policy, tokenizer, task, config)
@@ -290,82 +291,89 @@ def greedy_rewards(
 
 
 def reinforce_adv(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,), stats
-    return reinforce_advantages(batch["shaped_reward"]), {}
+    return reinforce_advantages(batch["score"]), {}
 
 
 def rloo_adv(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,), stats
-    return rloo_advantages(batch["shaped_reward"], run.cfg.group_size), {}
+    return rloo_advantages(batch["score"], run.cfg.group_size), {}
 
 
 def remax_adv(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,), stats
     G = run.cfg.group_size
     gr = greedy_rewards(run, batch["examples"][::G])
-    return remax_advantages(batch["shaped_reward"], gr, G), {"remax/greedy_reward": gr.mean().item()}
+    return remax_advantages(batch["score"], gr, G), {"remax/greedy_reward": gr.mean().item()}
 
 
 def reinforce_pp_adv(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B, T), stats
-    o = run.options
-    return reinforce_pp_advantages(batch["reward"], batch["kl"], batch["completion_mask"], beta=o.beta,
-                                   gamma=o.gamma), {}
+    o, mask = run.options, batch["completion_mask"]
+    kl = KL_ESTIMATORS[o.kl_estimator](batch["logp_old"], batch["ref_logp"]) * mask  # (B, T), on the tokens
+    return reinforce_pp_advantages(batch["reward"], kl, mask, beta=o.beta, gamma=o.gamma), {}
+
+
+def pg_advantage(
+    run: Run,  # the run; run.options is a PGConfig
+    batch: dict,  # the step's batch
+    *,
+    estimate,  # one of the adapters above: (run, batch) -> (adv (B,) or (B, T), stats)
+) -> tuple[torch.Tensor, dict]:  # (B, T) advantages, 0 on padding; stats
+    "The four methods' advantage: the estimate, whitened over the batch's tokens (normalize) or spread over each completion's tokens."
+    adv, stats = estimate(run, batch)
+    mask = batch["completion_mask"]
+    if run.options.normalize:
+        return masked_whiten(adv, mask), stats
+    return (adv[:, None] * mask if adv.dim() == 1 else adv * mask), stats
 
 # %% ../nbs/11_reinforce.ipynb #332da471
-def reference_kl(
-    run: Run,  # the run; run.ref is the frozen reference
-    batch: dict,  # from collect_rollouts: input_ids, attention_mask, completion_mask, logp_old
-) -> torch.Tensor:  # (B, T) per-token KL estimate of the sampled tokens (0 on padding)
-    "Per-token KL estimate between the sampling policy and the reference (the estimator named in run.options)."
-    T = batch["completion_mask"].shape[1]
-    with torch.no_grad():
-        ref_logp = completion_logprobs(run.ref, batch["input_ids"], batch["attention_mask"], T,
-                                       temperature=run.cfg.temperature)["logp"]
-    est = KL_ESTIMATORS[run.options.kl_estimator]
-    return est(batch["logp_old"], ref_logp) * batch["completion_mask"]
-
-
 def pg_collect(
-    run: Run,  # the run; run.options is a PGConfig
+    run: Run,  # the run: its policy samples, run.ref (if any) scores, run.options configures the functions below
+    *,
     advantage,  # advantage(run, batch) -> (adv (B,) or (B, T), stats)
-) -> tuple[dict, dict]:  # batch with 'adv' (B, T), and step statistics
-    "Sample, score, shape the reward with the reference KL, compute the method's advantages."
-    o = run.options if run.options is not None else PGConfig()
-    if o.beta > 0 and run.ref is None:
-        raise RLBookError("beta > 0 needs a reference policy: pass ref=frozen_copy(policy) to train (Method.setup does)")
+    shaping: tuple = (),  # reward shaping, each (run, batch) -> (score (B,), stats), applied in order to batch["score"]
+    keep=None,  # a filter keep(run, batch) -> (B,) bool: rows whose groups are trained on (None: all)
+) -> tuple[dict, dict]:  # Batch with score, adv (and keep); step statistics
+    "The one collect of the on-policy methods: sample, score and the reference's log-probs (`collect_rollouts`), then shaping, advantage, filter."
     batch, stats = collect_rollouts(run)
-    mask = batch["completion_mask"]
-    batch["shaped_reward"] = batch["reward"]
-    if run.ref is not None:
-        batch["kl"] = reference_kl(run, batch)  # (B, T)
-        stats["kl/ref"] = token_mean(batch["kl"], mask).item()  # per token, as every chapter logs it
-        stats["kl/seq"] = batch["kl"].sum(-1).mean().item()  # per completion: what the reward is charged
-        if o.beta > 0:
-            batch["shaped_reward"] = kl_penalised_reward(batch["reward"], batch["kl"], mask, o.beta)
-    adv, adv_stats = advantage(run, batch)
-    batch["adv"] = masked_whiten(adv, mask) if o.normalize else (adv[:, None] * mask if adv.dim() == 1 else adv * mask)
-    return batch, {**stats, **adv_stats}
+    batch["score"] = batch["reward"]
+    for shape in shaping:
+        batch["score"], st = shape(run, batch)
+        stats.update(st)
+    if keep is not None:
+        batch["keep"] = keep(run, batch)
+    adv, st = advantage(run, batch)
+    stats.update(st)
+    if keep is not None:  # a dropped row's tokens leave the loss and its normaliser n_tokens
+        k = batch["keep"]
+        batch["completion_mask"] = batch["completion_mask"] * k[:, None]
+        adv = adv * (k[:, None] if adv.dim() == 2 else k)
+        stats["frac_kept"] = k.float().mean().item()
+    batch["adv"] = adv
+    return batch, stats
 
 
 def pg_step(
-    run: Run,  # the run; run.options is a PGConfig
+    run: Run,  # the run
     mb: dict,  # a micro-batch of pg_collect's batch (with n_seqs, n_tokens)
-) -> tuple[torch.Tensor, dict]:  # loss, stats (adv/mean, adv/std, entropy)
-    "Forward pass, then pg_loss (@eq-pg-loss)."
-    o = run.options if run.options is not None else PGConfig()
+    *,
+    objective,  # objective(run, mb, out) -> (loss, stats); out = {'logp': (B, T), 'entropy': (B, T)}
+    entropy_grad: bool = False,  # keep the entropy's gradient (an entropy bonus)
+) -> tuple[torch.Tensor, dict]:  # loss, stats (the objective's, and entropy)
+    "The one step of the on-policy methods: a forward pass of the policy on the micro-batch, then the method's objective."
     mask = mb["completion_mask"]
-    out = completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], mask.shape[1],
-                              temperature=run.cfg.temperature, with_entropy=True)
-    loss, stats = pg_loss(out["logp"], mb["adv"], mask, aggregation=AGGREGATIONS[o.aggregation],
-                          n_seqs=mb.get("n_seqs"), n_tokens=mb.get("n_tokens"))
-    stats["entropy"] = token_mean(out["entropy"], mask).item()
+    out = completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], mask.shape[-1],
+                              temperature=run.cfg.temperature, with_entropy=True, entropy_grad=entropy_grad)
+    loss, stats = objective(run, mb, out)
+    stats["entropy"] = token_mean(out["entropy"].detach(), mask).item()
     return loss, stats
 
 
-def pg_setup(
-    cfg: TrainConfig,  # the run's configuration
-    options: PGConfig,  # the method's options
-) -> dict:  # {'ref': frozen copy of the starting policy}
-    "A frozen copy of the starting policy as the reference (for the KL penalty and the kl/ref metric)."
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    return {"ref": frozen_copy(policy)}
+def pg_objective(
+    run: Run,  # the run; run.options is a PGConfig
+    mb: dict,  # a micro-batch with adv (B, T)
+    out: dict,  # the policy's log-probs of the micro-batch
+) -> tuple[torch.Tensor, dict]:  # loss, stats (adv/mean, adv/std)
+    "The four methods' objective: pg_loss (@eq-pg-loss) with the aggregation of the options."
+    return pg_loss(out["logp"], mb["adv"], mb["completion_mask"], aggregation=AGGREGATIONS[run.options.aggregation],
+                   n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"])
 
 # %% ../nbs/11_reinforce.ipynb #9ee2ca99
 # chapter grpo's main-job recipe: 64 prompts x 8 completions a step from the sloppy-teacher warm start (chapter sft)
@@ -373,20 +381,21 @@ PG_DEFAULTS = dict(steps=100, batch_size=512, group_size=8, lr=3e-4, max_new_tok
                    model="tiny-sft-sloppy")
 
 REINFORCE = Method(
-    name="reinforce", collect=partial(pg_collect, advantage=reinforce_adv), loss=pg_step,
-    defaults=PG_DEFAULTS, options=PGConfig(), setup=pg_setup,
+    name="reinforce", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=reinforce_adv)),
+    loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS, options=PGConfig(),
     help="REINFORCE (Williams 1992): A = r, no baseline")
 RLOO = Method(
-    name="rloo", collect=partial(pg_collect, advantage=rloo_adv), loss=pg_step,
-    defaults=PG_DEFAULTS, options=PGConfig(), setup=pg_setup,
+    name="rloo", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=rloo_adv)),
+    loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS, options=PGConfig(),
     help="REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): baseline = mean of the group's other rewards")
 REMAX = Method(
-    name="remax", collect=partial(pg_collect, advantage=remax_adv), loss=pg_step,
-    defaults=PG_DEFAULTS, options=PGConfig(), setup=pg_setup,
+    name="remax", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=remax_adv)),
+    loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS, options=PGConfig(),
     help="ReMax (Li et al. 2023): baseline = reward of the greedy completion")
 REINFORCE_PP = Method(
-    name="reinforce_pp", collect=partial(pg_collect, advantage=reinforce_pp_adv), loss=pg_step,
-    defaults=PG_DEFAULTS, options=PGConfig(beta=0.01, normalize=True), setup=pg_setup,
+    name="reinforce_pp", collect=partial(pg_collect, advantage=partial(pg_advantage, estimate=reinforce_pp_adv)),
+    loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS,
+    options=PGConfig(beta=0.01, normalize=True),
     help="REINFORCE++ (Hu 2025): per-token k1 KL in the reward, reward-to-go, global advantage whitening")
 
 # %% ../nbs/11_reinforce.ipynb #bc51a05e
@@ -396,13 +405,8 @@ def gradient_draws(
     n_draws: int = 16,  # independent batches
 ) -> dict:  # {'var': tr Cov, 'mean_sq': |mean|^2 (bias-corrected), 'rel_var': var / mean_sq}
     "Variance of the full-batch policy gradient over independent batches at a fixed policy."
-    from accelerate import Accelerator
-    from rlbook.tasks import get_task
-    policy, tok = load_policy(cfg.model, device="cpu", seed=cfg.seed)
-    extra = method.setup(cfg, method.options) if method.setup else {}
-    run = Run(cfg=cfg, policy=policy, tokenizer=tok, task=get_task(cfg.task), accelerator=Accelerator(cpu=True),
-              ref=extra.get("ref"), options=method.options)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    run = build_run(dataclasses.replace(cfg, device="cpu"), method)  # the policy and reference, as train builds them
+    params = [p for p in run.policy.parameters() if p.requires_grad]
     grads = []
     for d in range(n_draws):
         run.step = 10_000 + d  # fresh prompts and samples, disjoint from training steps

@@ -5,6 +5,7 @@
 # %% ../nbs/20_reward_models.ipynb #90b42c1e
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -201,7 +202,7 @@ def make_oracle(o: RMConfig) -> BradleyTerryOracle:
 
 def rm_collect(run: Run) -> tuple[dict, dict]:  # batch (chosen/rejected encodings, weight), stats
     "One labelled pair per prompt, written by the frozen policy and labelled by the oracle."
-    o = run.options or RMConfig()
+    o = run.options
     ex = run.task.sample(run.cfg.batch_size // run.world, seed=step_seed(run.cfg.seed, run.step, run.rank), split="train")
     pairs = preference_pairs(run.model, run.tokenizer, ex, make_oracle(o), generator=run.generator(),
                              max_new_tokens=run.cfg.max_new_tokens, temperature=o.pair_temperature)
@@ -216,7 +217,7 @@ def rm_collect(run: Run) -> tuple[dict, dict]:  # batch (chosen/rejected encodin
 
 def rm_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Score chosen and rejected with the RM and take the Bradley-Terry loss @eq-bt-loss."
-    o = run.options or RMConfig()
+    o = run.options
     rm = run.modules["rm"]
     rc = rm(mb["chosen_ids"], mb["chosen_mask"])
     rr = rm(mb["rejected_ids"], mb["rejected_mask"])
@@ -249,24 +250,21 @@ def rm_accuracy(
 
 
 def rm_setup(
-    cfg,  # the run's TrainConfig
-    options: RMConfig | None,  # the method's options
-) -> dict:  # train() keyword arguments: frozen policy, tokenizer, modules={'rm': RewardModel}, evaluate_fn
+    run: Run,  # the run: its policy as loaded, run.options an RMConfig
+) -> dict:  # {'policy': the frozen policy, 'modules': {'rm': RewardModel}, 'evaluate_fn'}
     "A frozen policy that writes the pairs and a trainable reward model on a copy of the same weights."
-    o = options or RMConfig()
-    o.check()
-    policy, tok = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
+    o, cfg = run.options, run.cfg
     with torch.random.fork_rng(devices=[]):  # the head's initialisation depends on the seed only
         torch.manual_seed(cfg.seed)
-        rm = RewardModel(load_policy(cfg.model, device=cfg.device, seed=cfg.seed)[0])
-    frozen = frozen_copy(policy)
+        rm = RewardModel(copy.deepcopy(run.model))
+    frozen = frozen_copy(run.model)
 
     def evaluate_fn(run: Run) -> dict:
         res = rm_accuracy(run.modules["rm"], run.model, run.tokenizer, run.task, n=o.eval_pairs,
                           seed=cfg.seed, max_new_tokens=cfg.max_new_tokens, gold=GOLDS[o.gold])
         return {"eval/accuracy": res["accuracy"], "eval/n_pairs": res["n_pairs"]}
 
-    return {"policy": frozen, "tokenizer": tok, "modules": {"rm": rm}, "evaluate_fn": evaluate_fn}
+    return {"policy": frozen, "modules": {"rm": rm}, "evaluate_fn": evaluate_fn}
 
 
 def load_reward_model(

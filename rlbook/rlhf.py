@@ -12,15 +12,19 @@ from pathlib import Path
 
 import torch
 
-from .logprobs import completion_logprobs, kl_k3, position_ids_from_mask, token_mean
-from .models import RLBookError, ValueHead, frozen_copy, load_policy
-from .ppo import gae_advantages, masked_whiten, ppo_policy_loss, token_rewards, value_loss
+from functools import partial
+
+from .logprobs import kl_k1, kl_k3, masked_whiten, position_ids_from_mask, token_mean
+from .models import RLBookError, ValueHead, frozen_copy
+from .ppo import gae_advantages, ppo_policy_loss, token_rewards, value_loss
+from .reinforce import pg_collect, pg_step
 from .reward_model import GOLDS, RewardModel, ensemble_reward, load_reward_model
-from .train import Method, Run, collect_rollouts, find_checkpoint
+from .train import Method, Run, find_checkpoint
 
 # %% auto #0
-__all__ = ['PPO_DEFAULTS', 'PPO', 'PPOConfig', 'check_ppo_options', 'critic_from_reward_model', 'ppo_setup', 'sequence_scores',
-           'critic_values', 'ppo_collect', 'ppo_step', 'bon_kl', 'best_of_n_curve']
+__all__ = ['CRITIC_INITS', 'PPO_DEFAULTS', 'PPO', 'PPOConfig', 'check_ppo_options', 'critic_from_reward_model',
+           'critic_from_policy', 'critic_from_first_reward_model', 'ppo_setup', 'sequence_scores', 'critic_values',
+           'gae_advantage', 'ppo_objective', 'bon_kl', 'best_of_n_curve']
 
 # %% ../nbs/21_rlhf.ipynb #0d5cebd7
 @dataclass
@@ -49,8 +53,8 @@ class PPOConfig:
 
 def check_ppo_options(o: PPOConfig) -> None:
     "RLBookError for a bad switch."
-    if o.critic_init not in ("policy", "reward"):
-        raise RLBookError(f"critic_init must be 'policy' or 'reward', got {o.critic_init!r}")
+    if o.critic_init not in CRITIC_INITS:
+        raise RLBookError(f"critic_init must be one of {sorted(CRITIC_INITS)}, got {o.critic_init!r}")
     if o.ensemble not in ("mean", "min", "uwo"):
         raise RLBookError(f"ensemble must be 'mean', 'min' or 'uwo', got {o.ensemble!r}")
     bad = [need for need, ok in (
@@ -82,32 +86,43 @@ def critic_from_reward_model(
     return vh
 
 
+def critic_from_policy(
+    run: Run,  # the run: its policy as loaded (the SFT weights)
+    rms: torch.nn.ModuleList,  # the frozen reward models (unused)
+) -> ValueHead:
+    "A critic on its own copy of the policy's weights with a fresh, nearly-zero head; the head depends on the seed only."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.cfg.seed)
+        return ValueHead(copy.deepcopy(run.model))
+
+
+def critic_from_first_reward_model(
+    run: Run,  # the run (unused)
+    rms: torch.nn.ModuleList,  # the frozen reward models
+) -> ValueHead:
+    "InstructGPT's critic: a trainable copy of the (first) reward model."
+    if not len(rms):
+        raise RLBookError("critic_init='reward' needs a reward model")
+    return critic_from_reward_model(rms[0])
+
+
+CRITIC_INITS = {"policy": critic_from_policy, "reward": critic_from_first_reward_model}  # critic_init -> builder
+
+
 def ppo_setup(
-    cfg,  # the run's TrainConfig
-    options: PPOConfig | None,  # the method's options
+    run: Run,  # the run: its policy as loaded, run.options a PPOConfig
     *,
     reward_models: list | None = None,  # RewardModel objects (overrides options.reward_model)
-) -> dict:  # train() keyword arguments: ref, modules={'value': ValueHead, 'rms': frozen reward models}
-    "The reference (frozen SFT copy), the critic and the frozen reward model(s)."
-    o = options or PPOConfig()
-    check_ppo_options(o)
-    policy, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
-    ref = frozen_copy(policy)
+) -> dict:  # {'ref': frozen policy, 'modules': {'value': ValueHead, 'rms': frozen reward models}}
+    "The reference (frozen copy of the starting policy), the critic and the frozen reward model(s)."
+    o = run.options
     if reward_models is None:
-        reward_models = [load_reward_model(p.strip(), device=cfg.device)[0] for p in o.reward_model.split(",") if p.strip()]
+        reward_models = [load_reward_model(p.strip(), device=run.device)[0] for p in o.reward_model.split(",") if p.strip()]
     rms = torch.nn.ModuleList([frozen_copy(rm) for rm in reward_models])
-    if o.critic_init == "reward":
-        if not len(rms):
-            raise RLBookError("critic_init='reward' needs a reward model")
-        critic = critic_from_reward_model(rms[0])
-    else:
-        with torch.random.fork_rng(devices=[]):  # the head's initialisation depends on the seed only
-            torch.manual_seed(cfg.seed)
-            critic = ValueHead(load_policy(cfg.model, device=cfg.device, seed=cfg.seed)[0])
-    modules = {"value": critic}
+    modules = {"value": CRITIC_INITS[o.critic_init](run, rms)}
     if len(rms):
         modules["rms"] = rms
-    return {"ref": ref, "modules": modules}
+    return {"ref": frozen_copy(run.model), "modules": modules}
 
 # %% ../nbs/21_rlhf.ipynb #a336cf57
 @torch.no_grad()
@@ -116,8 +131,11 @@ def sequence_scores(
     batch: dict,  # from collect_rollouts: input_ids, attention_mask, reward (task), truncated
 ) -> tuple[torch.Tensor, dict]:  # (B,) scores, stats
     "The sequence reward R(x, y) of @eq-token-reward: task reward or (ensemble of) reward model(s), EOS penalty, whitening."
-    o = run.options or PPOConfig()
+    o = run.options
     stats = {}
+    if o.gold:  # the hidden gold reward, for over-optimisation plots (never seen by the policy)
+        gold = GOLDS[o.gold]
+        stats["gold/mean"] = sum(gold(e.prompt, c) for e, c in zip(batch["examples"], batch["completions"])) / len(batch["completions"])
     rms = run.modules.get("rms")
     if rms is not None and len(rms):
         each = torch.stack([rm(batch["input_ids"], batch["attention_mask"]).float() for rm in rms])  # (K, B)
@@ -126,11 +144,12 @@ def sequence_scores(
         if each.shape[0] > 1:
             stats["proxy/std_k"] = each.std(0).mean().item()
     else:
-        score = batch["reward"].float()
+        score = batch["score"].float()
     if o.missing_eos_penalty:
         score = score - o.missing_eos_penalty * batch["truncated"].float().to(score.device)
     if o.whiten_rewards:
         score = masked_whiten(score, shift_mean=False)
+    stats["score/mean"] = score.mean().item()
     return score, stats
 
 
@@ -145,61 +164,47 @@ def critic_values(
     return v[:, -n_completion - 1:-1]
 
 
-def ppo_collect(run: Run) -> tuple[dict, dict]:  # batch with adv, returns, value_old, ref_logp; stats
-    "Rollouts, scores, reference log-probs, values, token rewards and GAE (step 2 of the algorithm)."
-    o = run.options or PPOConfig()
-    cfg = run.cfg
-    batch, stats = collect_rollouts(run)
-    mask = batch["completion_mask"]
+def gae_advantage(
+    run: Run,  # the run; run.options is a PPOConfig, run.modules["value"] the critic
+    batch: dict,  # with score, logp_old, ref_logp
+) -> tuple[torch.Tensor, dict]:  # (B, T) advantages; stats (value/mean); batch gains returns and value_old
+    "The critic's values, token rewards @eq-token-reward (score at the last token, -beta k1 on each), GAE, whitening."
+    o, mask = run.options, batch["completion_mask"]
     T = mask.shape[1]
-    stats["reward/task"] = stats.pop("reward/mean")
-    if o.gold:  # the hidden gold reward, for over-optimisation plots (never seen by the policy)
-        gold = GOLDS[o.gold]
-        stats["gold/mean"] = sum(gold(e.prompt, c) for e, c in zip(batch["examples"], batch["completions"])) / len(mask)
-    score, s_stats = sequence_scores(run, batch)
-    stats.update(s_stats)
     with torch.no_grad():
-        ref_logp = completion_logprobs(run.ref, batch["input_ids"], batch["attention_mask"], T,
-                                       temperature=cfg.temperature)["logp"] * mask
         value = critic_values(run.modules["value"], batch["input_ids"], batch["attention_mask"], T).float() * mask
-    logp_old = batch["logp_old"] * mask
-    rewards, k1 = token_rewards(score, mask, logp_old=logp_old, ref_logp=ref_logp,
-                                beta=o.beta if o.kl_in_reward else 0.0)
+    rewards = token_rewards(batch["score"], mask, kl=kl_k1(batch["logp_old"], batch["ref_logp"]) * mask,
+                            beta=o.beta if o.kl_in_reward else 0.0)
     adv, returns = gae_advantages(rewards, value, gamma=o.gamma, lam=o.lam, mask=mask)
     if o.whiten_adv:
         adv = masked_whiten(adv, mask)
-    batch.update({"adv": adv, "returns": returns, "value_old": value, "ref_logp": ref_logp})
-    batch["reward"] = score
-    stats.update({"reward/mean": score.mean().item(), "kl/ref": token_mean(k1, mask).item(),
-                  "kl/seq": k1.sum(-1).mean().item(), "value/mean": token_mean(value, mask).item()})
-    return batch, stats
+    batch["returns"], batch["value_old"] = returns, value
+    return adv, {"value/mean": token_mean(value, mask).item()}
 
 
-def ppo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
+def ppo_objective(
+    run: Run,  # the run; run.options is a PPOConfig
+    mb: dict,  # a micro-batch with adv, returns, value_old (and ref_logp)
+    out: dict,  # the policy's log-probs of the micro-batch
+) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Clipped policy loss + value loss (+ beta k3 when the KL is in the loss) on a micro-batch (step 3)."
-    o = run.options or PPOConfig()
-    mask = mb["completion_mask"]
-    T = mask.shape[1]
-    out = completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], T,
-                              temperature=run.cfg.temperature, with_entropy=True)
+    o, mask = run.options, mb["completion_mask"]
     agg = dict(n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"])
     pl, stats = ppo_policy_loss(out["logp"], mb["logp_old"], mb["adv"], mask, clip_eps=o.clip_eps, **agg)
-    value = critic_values(run.modules["value"], mb["input_ids"], mb["attention_mask"], T)
+    value = critic_values(run.modules["value"], mb["input_ids"], mb["attention_mask"], mask.shape[1])
     vl, vstats = value_loss(value, mb["value_old"], mb["returns"], mask, clip_eps=o.vf_clip, **agg)
     loss = pl + o.vf_coef * vl
     if not o.kl_in_reward and o.beta:
         loss = loss + o.beta * token_mean(kl_k3(out["logp"], mb["ref_logp"]), mask, n_tokens=mb["n_tokens"])
-    stats.update(vstats)
-    stats.update({"loss/policy": pl.item(), "loss/value": vl.item(), "entropy": token_mean(out["entropy"], mask).item()})
-    return loss, stats
+    return loss, {**stats, **vstats, "loss/policy": pl.item(), "loss/value": vl.item()}
 
 # %% ../nbs/21_rlhf.ipynb #1533b222
 PPO_DEFAULTS = dict(model="tiny-sft", task="addition", steps=100, batch_size=64, group_size=1, epochs=2,
                     minibatch_size=32, lr=5e-5, max_new_tokens=8, temperature=1.0, eval_every=25, eval_n=200)
 
 PPO = Method(
-    name="ppo", collect=ppo_collect, loss=ppo_step, setup=ppo_setup, defaults=dict(PPO_DEFAULTS),
-    options=PPOConfig(),
+    name="ppo", collect=partial(pg_collect, shaping=(sequence_scores,), advantage=gae_advantage),
+    loss=partial(pg_step, objective=ppo_objective), setup=ppo_setup, defaults=dict(PPO_DEFAULTS), options=PPOConfig(),
     help="PPO with a critic (GAE), a frozen reference (k1 KL in the reward) and the task reward or a reward model")
 
 # %% ../nbs/21_rlhf.ipynb #ab8912a2

@@ -96,7 +96,7 @@ def warm_start(
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cfg.out, cfg.device = str(tmp), "cpu" if cfg.device is None else cfg.device
-    train(cfg, SFT.collect, SFT.loss)
+    train(cfg, SFT)
     shutil.copytree(tmp / "checkpoint" / "model", tmp / "model")
     shutil.copy(tmp / "final_eval.json", tmp / "model" / "final_eval.json")
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ TRAIN = [
     # PPO and reward models: checked by their setups before a model is loaded
     (["--method", "ppo", "--clip-eps", "0"], "--clip-eps > 0"),
     (["--method", "ppo", "--lam", "1.5"], "0 <= --lam <= 1"),
-    (["--method", "ppo", "--critic-init", "value"], "--critic-init must be 'policy' or 'reward'"),
+    (["--method", "ppo", "--critic-init", "value"], "--critic-init must be one of ['policy', 'reward'], got 'value'"),
     (["--method", "ppo", "--ensemble", "max"], "--ensemble must be 'mean', 'min' or 'uwo'"),
     (["--method", "ppo", "--critic-init", "reward"], "--critic-init='reward' needs a --reward-model"),
     (["--method", "ppo", "--reward-model", "{D}/no_such_run"], "--reward-model {D}/no_such_run is not a folder"),

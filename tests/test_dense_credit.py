@@ -33,7 +33,6 @@ from rlbook.dense_credit import (
     inject_step_error,
     parse_steps,
     prime_advantages,
-    prime_setup,
     sapo_loss,
     score_steps,
     step_ends,
@@ -46,7 +45,7 @@ from rlbook.logprobs import kl_k3, seq_mean, token_mean
 from rlbook.models import RLBookError, load_policy
 from rlbook.reinforce import rloo_advantages
 from rlbook.rollout import encode_pairs
-from rlbook.train import read_metrics, train
+from rlbook.train import build_run, read_metrics, train
 
 
 # ---- exercise solutions --------------------------------------------------------------------------
@@ -350,13 +349,14 @@ def test_prime_masked_groups_do_not_move_the_others():
 
 def test_prime_setup_and_options_checked():
     cfg = PRIME.config(model="tiny", device="cpu")
-    assert prime_setup(cfg, replace(PRIME.options, process_coef=0.0)) == {}
-    out = prime_setup(cfg, PRIME.options)
-    assert set(out) == {"ref", "modules"} and "prm" in out["modules"]
-    assert all(p.requires_grad for p in out["modules"]["prm"].parameters())
-    assert not any(p.requires_grad for p in out["ref"].parameters())
+    run = build_run(cfg, PRIME, options=replace(PRIME.options, process_coef=0.0))
+    assert run.ref is None and run.modules == {}
+    run = build_run(cfg, PRIME)
+    assert set(run.modules) == {"prm"} and run.ref is not None
+    assert all(p.requires_grad for p in run.modules["prm"].parameters())
+    assert not any(p.requires_grad for p in run.ref.parameters())
     with pytest.raises(RLBookError, match="prm_beta > 0"):
-        prime_setup(cfg, PRIMEConfig(prm_beta=0.0))
+        PRIMEConfig(prm_beta=0.0).check()
 
 
 # ---- CISPO, SAPO, TIS, the corrected KL ----------------------------------------------------------
@@ -556,7 +556,7 @@ def test_resume_is_exact_with_prm_and_lagging_sampler(tmp_path, method, opts):
     def run(steps, out, resume=False):
         cfg = method.config(steps=steps, out=str(out), resume=resume, **kw)
         return train(
-            cfg, method.collect, method.loss, task=task, options=opts, **method.setup(cfg, opts)
+            cfg, method, task=task, options=opts
         )
 
     a = run(4, tmp_path / "a")
@@ -612,12 +612,10 @@ def test_implicit_prm_learns_to_locate_injected_errors(tmp_path):
     opts = replace(IMPLICIT_PRM.options, prm_beta=beta)
     run = train(
         cfg,
-        collect,
-        IMPLICIT_PRM.loss,
+        replace(IMPLICIT_PRM, collect=collect),
         task=task,
         options=opts,
         evaluate_fn=lambda r: {},
-        **IMPLICIT_PRM.setup(cfg, opts),
     )
     ex = task.sample(150, seed=7, split="test")
     rng = random.Random(7)

@@ -255,7 +255,7 @@ def sft_path():
 def test_methods_run_and_start_at_hand_value(M, sft_path, tmp_path):
     cfg = M.config(model=sft_path, steps=2, batch_size=8, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
     o = type(M.options)(**{**M.options.__dict__, "n_pairs": 24})
-    train(cfg, M.collect, M.loss, **M.setup(cfg, o), options=o)
+    train(cfg, M, options=o)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     first = {"dpo": math.log(2), "cdpo": math.log(2), "rdpo": math.log(2), "fdpo": math.log(2), "ipo": 25.0, "kto": 0.5}
@@ -269,7 +269,7 @@ def test_resume_is_exact(sft_path, tmp_path):
     def run(out, steps, resume):
         cfg = DPO.config(model=sft_path, steps=steps, batch_size=8, lr=1e-3, eval_n=10, out=str(out), progress=False,
                          device="cpu", resume=resume, save_every=2)
-        return train(cfg, DPO.collect, DPO.loss, **DPO.setup(cfg, o), options=o)
+        return train(cfg, DPO, options=o)
     a = run(tmp_path / "a", 4, False)
     run(tmp_path / "b", 2, False)
     b = run(tmp_path / "b", 4, True)
@@ -284,7 +284,7 @@ def test_dpo_raises_margin_on_its_data(sft_path, tmp_path):
     "Behaviour: 30 steps at lr 1e-4 raise the implicit-reward accuracy on the training pairs above chance."
     o = DPOConfig(n_pairs=64)
     cfg = DPO.config(model=sft_path, steps=30, batch_size=16, lr=1e-4, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
-    train(cfg, DPO.collect, DPO.loss, **DPO.setup(cfg, o), options=o)
+    train(cfg, DPO, options=o)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     late = rows[-8:]
     assert sum(r["rewards/accuracy"] for r in late) / len(late) > 0.6
@@ -292,9 +292,10 @@ def test_dpo_raises_margin_on_its_data(sft_path, tmp_path):
 
 
 def test_offline_collect_without_setup_is_a_clear_error(sft_path, tmp_path):
+    import dataclasses
     cfg = DPO.config(model=sft_path, steps=1, batch_size=4, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
     with pytest.raises(RLBookError, match="PreferenceTask"):
-        train(cfg, DPO.collect, DPO.loss, options=DPOConfig())
+        train(cfg, dataclasses.replace(DPO, setup=None), options=DPOConfig())
 
 
 # ---------------------------------------------------------------- the explorer of the DPO loss
@@ -343,17 +344,17 @@ def test_read_pairs_refuses_bad_files_with_file_line_and_field(tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_dpo_setup_refuses_a_bad_pairs_file_before_loading_a_model(tmp_path, monkeypatch):
+def test_dpo_refuses_a_bad_pairs_file_and_writes_nothing(tmp_path, monkeypatch):
     import rlbook.dpo as dpo
     from rlbook.train import TrainConfig
 
-    def no_model(*a, **k):
-        raise AssertionError("a model was loaded before the pairs file was checked")
-    monkeypatch.setattr(dpo, "load_policy", no_model)
+    def no_sampling(*a, **k):
+        raise AssertionError("pairs were sampled although a pairs file was given")
+    monkeypatch.setattr(dpo, "make_preference_pairs", no_sampling)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "chosen": "2"}\n')
-    cfg = TrainConfig(model="tiny", out=str(tmp_path / "run"))
+    cfg = TrainConfig(model="tiny", out=str(tmp_path / "run"), progress=False)
     with pytest.raises(RLBookError, match="bad.jsonl, line 1: no field 'rejected'"):
-        dpo.dpo_setup(cfg, DPOConfig(pairs_path=str(tmp_path / "bad.jsonl")))
+        train(cfg, DPO, options=DPOConfig(pairs_path=str(tmp_path / "bad.jsonl")))
     with pytest.raises(RLBookError, match="no such file"):
         DPOConfig(pairs_path=str(tmp_path / "none.jsonl")).check()
     assert not (tmp_path / "run").exists()

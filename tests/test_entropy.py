@@ -11,8 +11,8 @@ from accelerate import Accelerator
 
 from rlbook.entropy import (ENTROPY_CONTROLS, GRPO_ENTROPY, EntropyConfig, band_coef, check_entropy_options,
                             clip_cov_mask, entropy_bonus_loss, entropy_change_cov, entropy_contributions,
-                            entropy_gradient, entropy_step, fit_entropy_law, high_entropy_mask, kl_cov_loss,
-                            kl_cov_mask, pass_at_k, pg_logit_change, policy_forward, stop_gradient, token_covariance)
+                            entropy_gradient, entropy_objective, fit_entropy_law, high_entropy_mask, kl_cov_loss,
+                            kl_cov_mask, pass_at_k, pg_logit_change, stop_gradient, token_covariance)
 from rlbook.grpo import grpo_loss
 from rlbook.logprobs import completion_logprobs, token_entropy
 from rlbook.models import RLBookError, load_policy
@@ -274,19 +274,19 @@ def test_options_errors():
         with pytest.raises(RLBookError, match="out of range"):
             check_entropy_options(EntropyConfig(**bad))
     with pytest.raises(RLBookError):
-        GRPO_ENTROPY.setup(GRPO_ENTROPY.config(), EntropyConfig(entropy_control="nope"))
+        EntropyConfig(entropy_control="nope").check()
 
 
-def test_policy_forward_matches_completion_logprobs():
+def test_entropy_with_its_gradient_is_the_same_entropy():
+    "The bonus differentiates the entropy: completion_logprobs(entropy_grad=True) keeps the graph, same values."
     model, tok = load_policy("tiny", device="cpu", seed=0)
     ro = generate(model, tok, ["12+34=", "7+8="], group_size=2, max_new_tokens=5, temperature=1.0,
                   generator=torch.Generator().manual_seed(0))
-    mb = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "completion_mask": ro.completion_mask}
-    got = policy_forward(model, mb, 1.0)
-    want = completion_logprobs(model, ro.input_ids, ro.attention_mask, ro.completion_mask.shape[1], with_entropy=True)
-    assert torch.allclose(got["logp"], want["logp"], atol=1e-6)
-    assert torch.allclose(got["entropy"], want["entropy"], atol=1e-6)
-    assert got["entropy"].requires_grad
+    args = (model, ro.input_ids, ro.attention_mask, ro.completion_mask.shape[1])
+    got = completion_logprobs(*args, with_entropy=True, entropy_grad=True)
+    want = completion_logprobs(*args, with_entropy=True)
+    assert torch.equal(got["logp"], want["logp"]) and torch.equal(got["entropy"], want["entropy"])
+    assert got["entropy"].requires_grad and not want["entropy"].requires_grad
 
 
 def _tiny_minibatch(sample_seed: int, adv: torch.Tensor):  # tiny model, tokenizer, and a minibatch of 8 rollouts
@@ -301,30 +301,19 @@ def _tiny_minibatch(sample_seed: int, adv: torch.Tensor):  # tiny model, tokeniz
 
 
 def test_step_clip_cov_stops_gradient_on_a_real_batch():
-    "Through entropy_step: the gradient of the loss wrt the tokens' log-probs is zero exactly on Clip-Cov's tokens."
+    "Through entropy_objective: the gradient of the loss wrt the tokens' log-probs is zero exactly on Clip-Cov's tokens."
     model, tok, mb = _tiny_minibatch(1, torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 0.5, -0.5, -0.5]))
     mask = mb["completion_mask"]
     o = EntropyConfig(entropy_control="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9)
 
     run = Run(cfg=GRPO_ENTROPY.config(device="cpu"), policy=model, tokenizer=tok, task=None, accelerator=Accelerator(cpu=True),
               options=o)
-    captured = {}
-    import rlbook.entropy as E
-    orig = E.policy_forward
-
-    def spy(m, b, t):
-        out = orig(m, b, t)
-        out["logp"].retain_grad()
-        captured.update(out)
-        return out
-
-    E.policy_forward = spy
-    try:
-        loss, stats = entropy_step(run, mb)
-    finally:
-        E.policy_forward = orig
+    out = completion_logprobs(model, mb["input_ids"], mb["attention_mask"], mask.shape[1], with_entropy=True,
+                              entropy_grad=True)
+    out["logp"].retain_grad()
+    loss, stats = entropy_objective(run, mb, out)
     loss.backward()
-    g = captured["logp"].grad
+    g = out["logp"].grad
     zero = (g == 0) & (mask > 0)
     assert abs(stats["frac_selected"] - int(zero.sum()) / float(mask.sum())) < 1e-9
     assert int(zero.sum()) == max(1, int(0.2 * float(mask.sum())))
@@ -335,7 +324,7 @@ def test_train_every_control(control, tmp_path):
     o = dataclasses.replace(GRPO_ENTROPY.options, entropy_control=control)
     cfg = GRPO_ENTROPY.config(model="tiny", steps=1, batch_size=8, group_size=4, minibatch_size=4, eval_every=0,
                               eval_n=2, max_new_tokens=4, out=str(tmp_path), progress=False, device="cpu")
-    train(cfg, GRPO_ENTROPY.collect, GRPO_ENTROPY.loss, options=o, **GRPO_ENTROPY.setup(cfg, o))
+    train(cfg, GRPO_ENTROPY, options=o)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 2 and math.isfinite(rows[0]["entropy"]) and math.isfinite(rows[0]["grad_norm"])
     assert ("entropy/coef" in rows[0]) == (control in ("bonus", "adaptive"))
@@ -349,9 +338,9 @@ def test_bonus_raises_entropy_of_the_tiny_model():
     run = Run(cfg=GRPO_ENTROPY.config(device="cpu"), policy=model, tokenizer=tok, task=None, accelerator=Accelerator(cpu=True),
               options=EntropyConfig(entropy_control="bonus", entropy_coef=1.0))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    before = entropy_step(run, mb)[1]["entropy"]
+    before = GRPO_ENTROPY.loss(run, mb)[1]["entropy"]
     for _ in range(3):
         opt.zero_grad()
-        entropy_step(run, mb)[0].backward()
+        GRPO_ENTROPY.loss(run, mb)[0].backward()
         opt.step()
-    assert entropy_step(run, mb)[1]["entropy"] > before
+    assert GRPO_ENTROPY.loss(run, mb)[1]["entropy"] > before

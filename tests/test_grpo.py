@@ -10,6 +10,7 @@ from rlbook.grpo import (ADV_SCALES, DAPO, DR_GRPO, GRPO, GSPO, LITE_PPO, NFT, R
                          overlong_penalty, sequence_ratio, zero_std_groups)
 from rlbook.logprobs import AGGREGATIONS, completion_logprobs, seq_mean, token_mean
 from rlbook.models import RLBookError, load_policy
+from rlbook.reinforce import rloo_advantages
 from rlbook.rollout import generate
 from rlbook.train import read_metrics, train
 
@@ -17,11 +18,9 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- exercise solutions
-def rloo_advantages(reward: torch.Tensor, group_size: int) -> torch.Tensor:
-    "Solution: r_i - mean_{j != i} r_j within each group."
-    r = reward.view(-1, group_size)
-    loo = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
-    return (r - loo).flatten()
+def centred_from_rloo(reward: torch.Tensor, group_size: int) -> torch.Tensor:
+    "Solution: RLOO's leave-one-out advantage is G/(G-1) times the centred one."
+    return rloo_advantages(reward, group_size) * (group_size - 1) / group_size
 
 
 def token_weights(adv: torch.Tensor, lengths: torch.Tensor, aggregation: str, constant: int) -> torch.Tensor:
@@ -36,13 +35,11 @@ def token_weights(adv: torch.Tensor, lengths: torch.Tensor, aggregation: str, co
     raise ValueError(aggregation)
 
 
-def test_rloo_solution():
-    got = rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), 3)
-    assert torch.allclose(got, torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0]))
-    # RLOO = G/(G-1) x the mean-centred advantage
-    r = torch.rand(12)
-    centred = group_advantages(r, 4, scale=no_std, eps=0.0)
-    assert torch.allclose(rloo_advantages(r, 4), centred * 4 / 3, atol=1e-6)
+def test_centred_from_rloo_solution():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    assert torch.allclose(centred_from_rloo(r, 4), group_advantages(r, 4, scale=no_std, eps=0.0), atol=1e-6)
+    r = torch.rand(12)  # any rewards, any group size
+    assert torch.allclose(centred_from_rloo(r, 3), group_advantages(r, 3, scale=no_std, eps=0.0), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["seq_mean", "token_mean", "constant"])
@@ -175,7 +172,7 @@ def test_first_step_loss_zero_grad_nonzero(real):
                          ref_logp=out["logp"].detach(), beta=0.04)
     assert abs(loss.item()) < 1e-5
     assert flat_grad(model, loss).norm() > 1e-3
-    assert st["clipfrac"] == 0.0 and abs(st["kl/ref"]) < 1e-6
+    assert st["clipfrac"] == 0.0 and abs(st["approx_kl"]) < 1e-6
 
 
 @pytest.mark.parametrize("agg", list(AGGREGATIONS))
@@ -255,10 +252,9 @@ def test_short_training_run_logs_the_diagnostics(tmp_path, method):
 
     cfg = method.config(model="tiny", steps=2, batch_size=16, group_size=4, eval_n=8, eval_every=0,
                         out=str(tmp_path / method.name), progress=False, device="cpu")
-    train(cfg, method.collect, method.loss, task=FirstCharIsDigit(), options=method.options,
-          **method.setup(cfg, method.options))
+    train(cfg, method, task=FirstCharIsDigit())
     row = read_metrics(tmp_path / method.name / "metrics.jsonl")[0]
-    need = {"reward/mean", "len/mean", "truncated/frac", "frac_reward_zero_std", "entropy", "grad_norm", "loss"}
+    need = {"reward/mean", "len/mean", "frac_truncated", "frac_reward_zero_std", "entropy", "grad_norm", "loss"}
     need |= {"kl/ref"} if method.options.beta > 0 else set()
     need |= {"clipfrac"} if method is not NFT else set()
     assert need <= set(row), need - set(row)
@@ -266,7 +262,7 @@ def test_short_training_run_logs_the_diagnostics(tmp_path, method):
 
 
 def test_gspo_equals_grpo_seq_mean_on_policy(real):
-    from rlbook.grpo import token_ratio
+    from rlbook.ppo import token_ratio
     model, ro, reward = real
     T = ro.completion_mask.shape[1]
     A = group_advantages(reward, 4)

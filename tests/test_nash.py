@@ -137,7 +137,7 @@ def test_lm_methods_train(method, tmp_path):
     from rlbook.train import read_metrics, train
     cfg = method.config(model=str(warm_start(progress=False)), steps=2, batch_size=8, group_size=4, out=str(tmp_path),
                         progress=False, eval_n=10, device="cpu")
-    train(cfg, method.collect, method.loss, options=method.options, **method.setup(cfg, method.options))
+    train(cfg, method)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert any(r.get("grad_norm", 0) > 0 for r in rows)

@@ -128,7 +128,7 @@ def test_methods_run(M, sft_path, tmp_path):
     bs = 8 if M.defaults["group_size"] == 1 else 16
     cfg = M.config(model=sft_path, steps=3, batch_size=bs, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
     o = OnlineDPOConfig(**{**M.options.__dict__, "n_pairs": 24, "ref_sync_every": 2 if M is SPIN else M.options.ref_sync_every})
-    train(cfg, M.collect, M.loss, **M.setup(cfg, o), options=o)
+    train(cfg, M, options=o)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     if M in (ONLINE_DPO, SPIN):
@@ -145,7 +145,7 @@ def test_online_dpo_needs_pairs(sft_path, tmp_path):
     cfg = ONLINE_DPO.config(model=sft_path, steps=1, batch_size=8, group_size=1, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
     o = OnlineDPOConfig()
     with pytest.raises(RLBookError, match="group_size=2"):
-        train(cfg, ONLINE_DPO.collect, ONLINE_DPO.loss, **ONLINE_DPO.setup(cfg, o), options=o)
+        train(cfg, ONLINE_DPO, options=o)
 
 
 def test_resume_after_a_reference_refresh_is_exact(sft_path, tmp_path):
@@ -157,7 +157,7 @@ def test_resume_after_a_reference_refresh_is_exact(sft_path, tmp_path):
     def run(out, steps, resume):
         cfg = M.config(model=sft_path, steps=steps, batch_size=bs, lr=1e-3, eval_n=10, eval_every=0, out=str(out),
                        progress=False, device="cpu", resume=resume, save_every=1)
-        return train(cfg, M.collect, M.loss, **M.setup(cfg, o), options=o)
+        return train(cfg, M, options=o)
     whole = run(tmp_path / "whole", 5, False)
     run(tmp_path / "cut", 3, False)  # steps 0-2; the reference was refreshed at the start of step 2
     resumed = run(tmp_path / "cut", 5, True)

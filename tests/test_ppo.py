@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from rlbook.ppo import (ActorCritic, cartpole_ppo, gae_advantages, last_token_mask, masked_whiten,
-                        mdpo_policy_loss, ppo_policy_loss, td_errors, token_rewards, value_loss)
+from rlbook.logprobs import last_token_mask, masked_whiten
+from rlbook.ppo import (ActorCritic, cartpole_ppo, gae_advantages, mdpo_policy_loss, ppo_policy_loss, td_errors,
+                        token_rewards, value_loss)
 
 torch.set_num_threads(1)
 
@@ -103,7 +104,7 @@ def test_token_rewards_land_on_last_real_token():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     assert last_token_mask(mask).argmax(-1).tolist() == [1, 3, 0]
     lp, ref = torch.randn(3, 4), torch.randn(3, 4)
-    r, k1 = token_rewards(torch.tensor([1.0, 2.0, 3.0]), mask, logp_old=lp, ref_logp=ref, beta=0.5)
+    r = token_rewards(torch.tensor([1.0, 2.0, 3.0]), mask, kl=lp - ref, beta=0.5)
     assert torch.allclose(r.sum(-1), torch.tensor([1.0, 2.0, 3.0]) - 0.5 * ((lp - ref) * mask).sum(-1))
     assert (r[mask == 0] == 0).all()
 

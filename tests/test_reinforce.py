@@ -207,7 +207,7 @@ def test_methods_run_and_are_on_policy(tmp_path):
         assert isinstance(m.options, PGConfig)
         cfg = m.config(model=warm, steps=2, batch_size=8, group_size=4, eval_n=8, out=str(tmp_path / m.name),
                        progress=False, device="cpu")
-        train(cfg, m.collect, m.loss, options=m.options, **m.setup(cfg, m.options))
+        train(cfg, m)
         rows = read_metrics(tmp_path / m.name / "metrics.jsonl")
         assert abs(rows[0]["kl/ref"]) < 1e-5 and all(math.isfinite(r["loss"]) for r in rows[:-1])
         if m is RLOO:

@@ -19,7 +19,7 @@ import rlbook.train as T
 from rlbook.models import RLBookError
 from rlbook.reward_model import load_reward_model
 from rlbook.sft import SFT
-from rlbook.train import Interrupted, checkpoint_step, find_checkpoint, read_metrics, train
+from rlbook.train import Interrupted, Method, checkpoint_step, find_checkpoint, read_metrics, train
 
 from conftest import CLI, ENV, strip, weights
 
@@ -41,7 +41,7 @@ def quiet(fn, *a, **kw):  # (fn's result, what it wrote to stderr)
 def reference(tmp_path_factory):
     "An uninterrupted 4-step SFT run with a checkpoint after every step (checkpoint = 4, checkpoint.old = 3)."
     out = tmp_path_factory.mktemp("reference") / "run"
-    train(sft_config(out), SFT.collect, SFT.loss)
+    train(sft_config(out), SFT)
     assert checkpoint_step(out / "checkpoint") == 4 and checkpoint_step(out / "checkpoint.old") == 3
     return out
 
@@ -93,7 +93,7 @@ def test_a_malicious_pickle_is_refused_and_never_runs(place, reference, tmp_path
     marker = tmp_path / "pwned"
     PLACES[place](out / "checkpoint", marker)
     with pytest.raises(RLBookError, match="a pickle, which can run code") as e:
-        quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
+        quiet(train, sft_config(out, resume=True), SFT)
     assert "\n" not in str(e.value)
     assert not marker.exists()
     evil = next(p for p in out.rglob("*") if p.suffix in (".pt", ".bin"))
@@ -121,7 +121,7 @@ def test_a_reward_model_run_loads_without_pickles(tmp_path):
     cfg = REWARD_MODEL.config(model="tiny", steps=1, batch_size=8, eval_every=0, eval_n=4, out=str(tmp_path / "rm"),
                               progress=False, device="cpu")
     o = dataclasses_replace(REWARD_MODEL.options, eval_pairs=8)
-    run = train(cfg, REWARD_MODEL.collect, REWARD_MODEL.loss, options=o, **REWARD_MODEL.setup(cfg, o))
+    run = train(cfg, REWARD_MODEL, options=o)
     rm, _ = load_reward_model(str(tmp_path / "rm"), device="cpu")
     trained = run.modules["rm"].state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in rm.state_dict().items())
@@ -139,17 +139,16 @@ def test_a_changed_configuration_is_refused_with_its_flags(reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(RLBookError, match="differs from the checkpoint") as e:
-        train(sft_config(out, resume=True, lr=3e-3, batch_size=16, seed=1), SFT.collect, SFT.loss)
+        train(sft_config(out, resume=True, lr=3e-3, batch_size=16, seed=1), SFT)
     msg = str(e.value)
     assert "--batch-size: 8 -> 16" in msg and "--lr: 0.001 -> 0.003" in msg and "--seed: 0 -> 1" in msg
     assert "--steps" not in msg and "\n" not in msg
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # config.json not rewritten
-    # another method on the same folder (same TrainConfig): the functions differ
+    # another method on the same folder (same TrainConfig, even the same functions): a different run
     with pytest.raises(RLBookError, match="--method"):
-        train(sft_config(out, resume=True), SFT.collect, lambda run, mb: SFT.loss(run, mb))
+        train(sft_config(out, resume=True), Method("sft_copy", SFT.collect, SFT.loss))
     # the explicit override continues, with a warning, and records the new configuration
-    _, err = quiet(train, sft_config(out, resume=True, steps=5, lr=3e-3, allow_config_change=True), SFT.collect,
-                   SFT.loss)
+    _, err = quiet(train, sft_config(out, resume=True, steps=5, lr=3e-3, allow_config_change=True), SFT)
     assert "--allow-config-change: resuming with --lr: 0.001 -> 0.003" in err
     assert json.loads((out / "config.json").read_text())["lr"] == 3e-3 and checkpoint_step(out / "checkpoint") == 5
 
@@ -157,16 +156,16 @@ def test_a_changed_configuration_is_refused_with_its_flags(reference, tmp_path):
 def test_steps_may_grow_but_not_shrink(reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
     with pytest.raises(RLBookError, match="--steps 3 is below the 4 steps"):
-        train(sft_config(out, resume=True, steps=3), SFT.collect, SFT.loss)
+        train(sft_config(out, resume=True, steps=3), SFT)
     assert len(read_metrics(out / "metrics.jsonl")) == 5
     longer = tmp_path / "longer"
-    train(sft_config(longer, steps=5), SFT.collect, SFT.loss)
-    train(sft_config(out, resume=True, steps=5), SFT.collect, SFT.loss)
+    train(sft_config(longer, steps=5), SFT)
+    train(sft_config(out, resume=True, steps=5), SFT)
     assert_same_run(longer, out)
 
 
 def test_resume_on_a_new_folder_starts_and_says_so(tmp_path):
-    _, err = quiet(train, sft_config(tmp_path / "new", resume=True, steps=1), SFT.collect, SFT.loss)
+    _, err = quiet(train, sft_config(tmp_path / "new", resume=True, steps=1), SFT)
     assert "no checkpoint in" in err and "starting at step 0" in err
     assert [r["step"] for r in read_metrics(tmp_path / "new" / "metrics.jsonl")] == [0, 1]
 
@@ -174,7 +173,7 @@ def test_resume_on_a_new_folder_starts_and_says_so(tmp_path):
 def test_overwrite_replaces_only_the_run(reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
-    _, err = quiet(train, sft_config(out, steps=1, overwrite=True), SFT.collect, SFT.loss)
+    _, err = quiet(train, sft_config(out, steps=1, overwrite=True), SFT)
     assert "--overwrite: replacing the run" in err
     assert (out / "notes.txt").read_text() == "mine" and not (out / "checkpoint.old").exists()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
@@ -195,11 +194,11 @@ def test_a_live_lock_refuses_and_a_dead_one_is_taken_over(reference, tmp_path):
     try:
         (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}")
         with pytest.raises(RLBookError, match=f"in use by process {sleeper.pid}"):
-            train(sft_config(out, resume=True), SFT.collect, SFT.loss)
+            train(sft_config(out, resume=True), SFT)
     finally:
         sleeper.kill()
         sleeper.wait()
-    _, err = quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
+    _, err = quiet(train, sft_config(out, resume=True), SFT)
     assert f"taking over {out / '.lock'} from process {sleeper.pid}" in err
     assert not (out / ".lock").exists()  # released at the end
     assert_same_run(reference, out)
@@ -211,7 +210,7 @@ def test_stale_temporary_folders_are_removed(reference, tmp_path):
     (out / f"checkpoint.tmp{pid}" / "model").mkdir(parents=True)
     (out / f"metrics.jsonl.tmp{pid}").write_text("{}")
     (out / f"pairs.jsonl.tmp{pid}").write_text('{"prompt": "1+1=", "cho')  # a DPO setup killed mid-write
-    _, err = quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
+    _, err = quiet(train, sft_config(out, resume=True), SFT)
     assert f"checkpoint.tmp{pid}, left unfinished by process {pid}" in err
     assert not list(out.glob("*.tmp*"))
 
@@ -232,10 +231,10 @@ def test_a_signal_checkpoints_the_step_and_resumes_exactly(signum, reference, tm
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # (a test worker may ignore SIGINT)
     with pytest.raises(Interrupted):  # save_every=0: the signal alone makes the checkpoint
-        quiet(train, sft_config(out, save_every=0), signalling(signum, 1), SFT.loss)
+        quiet(train, sft_config(out, save_every=0), Method("sft", signalling(signum, 1), SFT.loss))
     assert checkpoint_step(find_checkpoint(out)) == 2 and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
-    train(sft_config(out, save_every=0, resume=True), signalling(signum, 1), SFT.loss)
+    train(sft_config(out, save_every=0, resume=True), Method("sft", signalling(signum, 1), SFT.loss))
     assert_same_run(reference, out)
 
 
@@ -248,14 +247,14 @@ def test_a_second_signal_during_the_save_does_not_abandon_it(monkeypatch, tmp_pa
     monkeypatch.setattr(T, "write_state", write_state)
     out = tmp_path / "run"
     with pytest.raises(Interrupted):
-        _, err = quiet(train, sft_config(out, save_every=0), signalling(signal.SIGINT, 1), SFT.loss)
+        _, err = quiet(train, sft_config(out, save_every=0), Method("sft", signalling(signal.SIGINT, 1), SFT.loss))
     assert T.checkpoint_problem(out / "checkpoint") is None and checkpoint_step(out / "checkpoint") == 2
 
 
 def test_a_second_signal_between_saves_stops_at_once(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt) as e:
-        quiet(train, sft_config(out), signalling(signal.SIGINT, 2, times=2), SFT.loss)
+        quiet(train, sft_config(out), Method("sft", signalling(signal.SIGINT, 2, times=2), SFT.loss))
     assert type(e.value) is KeyboardInterrupt  # not Interrupted: no new checkpoint
     assert checkpoint_step(find_checkpoint(out)) == 2  # the last periodic one is intact
 
@@ -295,7 +294,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(kind, referenc
 def test_resuming_from_the_fallback_is_exact(reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
     DAMAGE["empty-state-safetensors"](out / "checkpoint")
-    _, err = quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
+    _, err = quiet(train, sft_config(out, resume=True), SFT)
     assert f"falling back to {out / 'checkpoint.old'} (step 3)" in err
     assert (out / "checkpoint.damaged").exists()  # kept for inspection, not reused as the next fallback
     assert_same_run(reference, out)
@@ -308,7 +307,7 @@ def test_two_damaged_checkpoints_are_one_clear_error(reference, tmp_path):
     DAMAGE["bad-progress-json"](out / "checkpoint.old")
     rows = (out / "metrics.jsonl").read_bytes()
     with pytest.raises(RLBookError, match="no usable checkpoint"):
-        quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
+        quiet(train, sft_config(out, resume=True), SFT)
     assert (out / "metrics.jsonl").read_bytes() == rows
 
 
@@ -318,7 +317,7 @@ def test_a_truncated_last_metrics_line_is_dropped(reference, tmp_path):
         f.write('{"step": 5, "loss": 0.1')  # a kill in the middle of an append
     rows, err = quiet(read_metrics, out / "metrics.jsonl")
     assert len(rows) == 5 and "dropped its last line" in err
-    quiet(train, sft_config(out, resume=True), SFT.collect, SFT.loss)
+    quiet(train, sft_config(out, resume=True), SFT)
     assert_same_run(reference, out)
     (out / "metrics.jsonl").write_text('{"step": 0}\n{"ste\n{"step": 2}\n')
     with pytest.raises(RLBookError, match="line 2, is not JSON"):  # damage in the middle is not a kill

@@ -11,6 +11,7 @@ from rlbook.reward_model import (REWARD_MODEL, RMConfig, RewardModel, addition_g
                                  center_rewards, digit_pairs, ensemble_reward, last_index, load_reward_model,
                                  mean_digit, score_texts)
 from rlbook.rollout import encode_pairs
+from rlbook.train import build_run
 
 torch.set_num_threads(1)
 
@@ -137,22 +138,22 @@ def test_reward_model_method_through_train(tmp_path):
     cfg = REWARD_MODEL.config(model=start, steps=40, batch_size=32, eval_every=0, out=str(tmp_path / "rm"),
                               progress=False, device="cpu")
     o = RMConfig(eval_pairs=150)
-    run = train(cfg, REWARD_MODEL.collect, REWARD_MODEL.loss, options=o, **REWARD_MODEL.setup(cfg, o))
+    run = train(cfg, REWARD_MODEL, options=o)
     rows = read_metrics(tmp_path / "rm" / "metrics.jsonl")
     assert rows[-1]["eval/accuracy"] > rows[0]["eval/accuracy"] + 0.1 and rows[-1]["eval/accuracy"] > 0.6
     rm, tok = load_reward_model(str(tmp_path / "rm"), device="cpu")
     x = score_texts(rm, tok, ["12+30="], ["42"])
     assert torch.allclose(x, score_texts(run.modules["rm"], tok, ["12+30="], ["42"]))
     with pytest.raises(RLBookError):
-        REWARD_MODEL.setup(cfg, RMConfig(label_noise=0.7))
+        RMConfig(label_noise=0.7).check()
     with pytest.raises(RLBookError):
-        REWARD_MODEL.setup(cfg, RMConfig(gold="length"))
+        RMConfig(gold="length").check()
 
 
 def test_rm_setup_is_deterministic_in_the_seed():
     from rlbook.sft import warm_start
     cfg = REWARD_MODEL.config(model=str(warm_start(progress=False)), device="cpu")
-    a = REWARD_MODEL.setup(cfg, RMConfig())["modules"]["rm"].value_head.head.weight.clone()
+    a = build_run(cfg, REWARD_MODEL).modules["rm"].value_head.head.weight.clone()
     torch.randn(1000)
-    b = REWARD_MODEL.setup(cfg, RMConfig())["modules"]["rm"].value_head.head.weight
+    b = build_run(cfg, REWARD_MODEL).modules["rm"].value_head.head.weight
     assert torch.equal(a, b)

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from rlbook.models import RLBookError, ValueHead, frozen_copy, load_policy
-from rlbook.rlhf import (PPO, PPOConfig, best_of_n_curve, bon_kl, check_ppo_options, critic_values, ppo_collect,
-                         ppo_setup, ppo_step)
+from rlbook.rlhf import PPO, PPOConfig, best_of_n_curve, bon_kl, check_ppo_options, critic_values
 from rlbook.rollout import generate
 from rlbook.tasks import get_task
 from accelerate import Accelerator
-from rlbook.train import Run, TrainConfig, read_metrics, train
+from rlbook.train import Run, TrainConfig, build_run, read_metrics, train
 
 torch.set_num_threads(1)
 
@@ -101,12 +100,12 @@ def test_values_do_not_see_their_own_token(start):
 
 def test_collect_advantages_degenerate_case_and_ratio_one(start):
     run = _run(start, PPOConfig(beta=0.0, lam=1.0, whiten_adv=False))
-    b, st = ppo_collect(run)
+    b, st = PPO.collect(run)
     m = b["completion_mask"]
-    assert torch.allclose(b["adv"], (b["reward"][:, None] - b["value_old"]) * m, atol=1e-5)
-    assert torch.allclose(b["returns"], b["reward"][:, None] * m, atol=1e-5)
+    assert torch.allclose(b["adv"], (b["score"][:, None] - b["value_old"]) * m, atol=1e-5)
+    assert torch.allclose(b["returns"], b["score"][:, None] * m, atol=1e-5)
     b["n_seqs"], b["n_tokens"] = len(m), float(m.sum())
-    loss, st2 = ppo_step(run, b)
+    loss, st2 = PPO.loss(run, b)
     assert st2["clipfrac"] == 0 and abs(st2["approx_kl"]) < 1e-5
     assert abs(st["kl/ref"]) < 1e-5  # policy == reference at the start
     loss.backward()
@@ -117,18 +116,18 @@ def test_collect_advantages_degenerate_case_and_ratio_one(start):
 def test_kl_in_reward_charges_the_kl(start):
     run = _run(start, PPOConfig(beta=1.0, lam=1.0, whiten_adv=False))
     run.ref = frozen_copy(load_policy("tiny", device="cpu")[0])  # a very different reference
-    b, st = ppo_collect(run)
+    b, st = PPO.collect(run)
     m = b["completion_mask"]
     k1 = (b["logp_old"] - b["ref_logp"]) * m
     # lambda = 1, gamma = 1: return at the first token = score - beta * sum_t k1
-    assert torch.allclose(b["returns"][:, 0], b["reward"] - k1.sum(-1), atol=1e-4)
+    assert torch.allclose(b["returns"][:, 0], b["score"] - k1.sum(-1), atol=1e-4)
     assert st["kl/seq"] > 1
 
 
 def test_ppo_through_train_task_reward(start, tmp_path):
     cfg = PPO.config(model=start, steps=4, batch_size=16, minibatch_size=8, eval_every=0, eval_n=20,
                      out=str(tmp_path / "ppo"), progress=False, device="cpu")
-    train(cfg, PPO.collect, PPO.loss, options=PPO.options, **PPO.setup(cfg, PPO.options))
+    train(cfg, PPO)
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     assert all(r["clipfrac"] < 0.5 and r["approx_kl"] < 0.1 for r in rows[:-1])
     assert rows[1]["kl/seq"] != 0 or rows[2]["kl/seq"] != 0  # the policy moved away from the reference
@@ -139,14 +138,13 @@ def test_ppo_with_reward_model_and_critic_from_rm(start, tmp_path):
     rcfg = REWARD_MODEL.config(model=start, steps=2, batch_size=16, eval_every=0, out=str(tmp_path / "rm"),
                                progress=False, device="cpu")
     o = RMConfig(eval_pairs=20)
-    train(rcfg, REWARD_MODEL.collect, REWARD_MODEL.loss, options=o, **REWARD_MODEL.setup(rcfg, o))
+    train(rcfg, REWARD_MODEL, options=o)
     opts = PPOConfig(reward_model=f"{tmp_path / 'rm'},{tmp_path / 'rm'}", ensemble="min", critic_init="reward",
                      missing_eos_penalty=1.0, whiten_rewards=True, kl_in_reward=False, gold="mean_digit")
     cfg = PPO.config(model=start, steps=2, batch_size=16, minibatch_size=16, epochs=1, eval_every=0, eval_n=20,
                      out=str(tmp_path / "ppo-rm"), progress=False, device="cpu")
-    kw = ppo_setup(cfg, opts)
-    rm_before = [p.clone() for p in kw["modules"]["rms"].parameters()]
-    run = train(cfg, PPO.collect, PPO.loss, options=opts, **kw)
+    rm_before = [p.clone() for p in build_run(cfg, PPO, options=opts).modules["rms"].parameters()]
+    run = train(cfg, PPO, options=opts)
     rows = read_metrics(tmp_path / "ppo-rm" / "metrics.jsonl")
     assert "proxy/mean" in rows[0] and "gold/mean" in rows[0]
     assert all(torch.equal(a, b) for a, b in zip(rm_before, run.modules["rms"].parameters()))  # the RM is frozen
@@ -154,7 +152,7 @@ def test_ppo_with_reward_model_and_critic_from_rm(start, tmp_path):
 
 def test_setup_is_deterministic_in_the_seed(start):
     cfg = PPO.config(model=start, device="cpu")
-    a = ppo_setup(cfg, PPOConfig())["modules"]["value"].head.weight.clone()
+    a = build_run(cfg, PPO, options=PPOConfig()).modules["value"].head.weight.clone()
     torch.randn(1000)  # consume the global random stream
-    b = ppo_setup(cfg, PPOConfig())["modules"]["value"].head.weight
+    b = build_run(cfg, PPO, options=PPOConfig()).modules["value"].head.weight
     assert torch.equal(a, b)

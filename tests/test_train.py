@@ -71,7 +71,7 @@ def test_a_plot_after_training_in_one_kernel_is_shown(tmp_path):
     out = tmp_path / "run"
     cells = [f"from rlbook.sft import SFT\nfrom rlbook.train import train, read_metrics, plot_metrics\n"
              f"train(SFT.config(model='tiny', steps=1, batch_size=8, eval_n=4, out={str(out)!r}, progress=False,"
-             f" device='cpu'), SFT.collect, SFT.loss);",
+             f" device='cpu'), SFT);",
              "import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()",
              f"plot_metrics(read_metrics({str(out / 'metrics.jsonl')!r}))"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
