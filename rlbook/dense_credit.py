@@ -14,12 +14,10 @@ __all__ = ['CHAIN_OPS', 'CHAIN_WARM_START', 'IS_CORRECTIONS', 'CHAIN_DEFAULTS', 
            'cispo_surrogate', 'sapo_surrogate']
 
 # %% ../nbs/41_dense_credit.ipynb #3b393379
+import copy
 import operator
-import os
 import random
 import re
-import shutil
-import copy
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -35,9 +33,9 @@ from .models import RLBookError, frozen_copy
 from .ppo import ppo_policy_loss
 from .reinforce import discounted_returns, pg_collect, pg_step, rloo_advantages
 from .rollout import encode_pairs
-from .sft import SFT, TASK_WARM_STARTS, WARM_START, cache_root, shipped_root, warm_start_name
+from .sft import TASK_WARM_STARTS, WARM_START, shipped_root, warm_start
 from .tasks import Example, NumericTask, register_task
-from .train import Method, Run, TrainConfig, collect_rollouts, train, with_reference
+from .train import Method, Run, collect_rollouts, with_reference
 
 # %% ../nbs/41_dense_credit.ipynb #7baacf4a
 def implicit_token_rewards(
@@ -236,24 +234,9 @@ def chain_warm_start(
     task: ArithmeticChain | None = None,  # the task (default ArithmeticChain())
     **overrides,  # TrainConfig values that differ from CHAIN_WARM_START
 ) -> Path:  # folder with the SFT policy on chains
-    "The cached SFT warm start of the tiny model on `ArithmeticChain` (shipped, or trained once)."
-    cfg = TrainConfig(**{**CHAIN_WARM_START, **overrides, "progress": progress})
-    name = warm_start_name(cfg)  # as rlbook.sft.warm_start names it
-    for root in (shipped_root(), dense_root() / "warm_start", cache_root() / "sft"):
-        if (root / name / "model" / "config.json").exists():
-            return root / name / "model"
-    final = cache_root() / "sft" / name
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cfg.out, cfg.device = str(tmp), "cpu" if cfg.device is None else cfg.device
-    train(cfg, SFT, task=task or ArithmeticChain())
-    shutil.copytree(tmp / "checkpoint" / "model", tmp / "model")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    return final / "model"
+    "The cached SFT warm start of the tiny model on `ArithmeticChain` (shipped with this chapter's results, or trained once)."
+    return warm_start(progress, recipe=CHAIN_WARM_START, sft_task=task or ArithmeticChain(),
+                      roots=(dense_root() / "warm_start",), **overrides)
 
 
 TASK_WARM_STARTS["arith_chain"] = chain_warm_start  # `rlbook train --task arith_chain` starts here

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .models import RLBookError
+from .models import RLBookError, rlbook_cache_dir
 from .tasks import Addition, Example, register_task
 from .logprobs import completion_logprobs, token_mean
 from .rollout import encode_pairs
@@ -57,8 +57,8 @@ WARM_START = dict(model="tiny", task="addition", steps=1500, batch_size=64, lr=1
                   max_new_tokens=8, eval_every=250, eval_n=200, seed=0)
 
 
-def cache_root() -> Path:  # $RLBOOK_CACHE or ~/.cache/rlbook
-    return Path(os.environ.get("RLBOOK_CACHE", Path.home() / ".cache" / "rlbook"))
+def cache_root() -> Path:  # $RLBOOK_CACHE or ~/.cache/rlbook: the models chapter's cache folder
+    return rlbook_cache_dir()
 
 
 def shipped_root() -> Path:  # data/warm_start in a source checkout of rlbook
@@ -84,19 +84,23 @@ def warm_start_name(cfg: TrainConfig) -> str:  # e.g. 'tiny-addition-78ec84c7922
 
 def warm_start(
     progress: bool = True,  # show the progress bar while training
-    **overrides,  # TrainConfig values that differ from WARM_START (task, steps, seed, ...)
+    *,
+    recipe: dict = WARM_START,  # the SFT recipe (TrainConfig values), e.g. a chapter's own
+    sft_task=None,  # the Task object to train on (default: the task the recipe names)
+    roots: tuple = (),  # further folders that may hold a shipped copy (e.g. a chapter's results)
+    **overrides,  # TrainConfig values that differ from the recipe (task, steps, seed, ...)
 ) -> Path:  # folder with the SFT policy: load it with load_policy(str(path))
     "The deterministic, cached SFT warm start of the tiny model (shipped for the default; trains on first use otherwise)."
-    cfg = TrainConfig(**{**WARM_START, **overrides, "progress": progress})
+    cfg = TrainConfig(**{**recipe, **overrides, "progress": progress})
     name = warm_start_name(cfg)
-    for root in (shipped_root(), cache_root() / "sft"):
+    for root in (shipped_root(), *roots, cache_root() / "sft"):
         if (root / name / "model" / "config.json").exists():
             return root / name / "model"
     final = cache_root() / "sft" / name
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cfg.out, cfg.device = str(tmp), "cpu" if cfg.device is None else cfg.device
-    train(cfg, SFT)
+    train(cfg, SFT, task=sft_task)
     shutil.copytree(tmp / "checkpoint" / "model", tmp / "model")
     shutil.copy(tmp / "final_eval.json", tmp / "model" / "final_eval.json")
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
            'check_split', 'Task', 'checked_reward', 'extract_answer', 'answers_match', 'NumericTask', 'Addition',
-           'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'Reverse',
-           'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'register_task', 'PreferenceOracle',
-           'BradleyTerryOracle', 'length_class', 'CyclicOracle', 'preference_matrix']
+           'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'StringTask',
+           'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'register_task',
+           'PreferenceOracle', 'BradleyTerryOracle', 'length_class', 'CyclicOracle', 'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
 import ast
@@ -424,25 +424,22 @@ def _random_string(rng: random.Random, min_len: int, max_len: int, alphabet: str
 
 
 @dataclass
-class Reverse(Task):
-    "Reverse a string: prompt `'rev abcde='`, answer and solution `'edcba'`."
+class StringTask(Task):
+    "A task on a random string: its knobs, their checks, exact-match grading; `make_example` says what to do with it."
 
     min_len: int = 3  # shortest string (>= 1)
     max_len: int = 8  # longest string
     alphabet: str = string.ascii_lowercase  # characters to draw from (printable ASCII, no whitespace or '=')
 
-    name = "reverse"
-
     def __post_init__(self):
-        _check_string_knobs("Reverse", self.min_len, self.max_len, self.alphabet)
+        _check_string_knobs(type(self).__name__, self.min_len, self.max_len, self.alphabet)
 
-    def make_example(
+    def draw(
         self,
         rng: random.Random,  # the random stream
-    ) -> Example:
-        "Draw one string to reverse."
-        s = _random_string(rng, self.min_len, self.max_len, self.alphabet)
-        return Example(prompt=f"rev {s}=", answer=s[::-1], solution=s[::-1])
+    ) -> str:  # a string of min_len to max_len characters of the alphabet
+        "One random string."
+        return _random_string(rng, self.min_len, self.max_len, self.alphabet)
 
     def is_correct(
         self,
@@ -454,33 +451,34 @@ class Reverse(Task):
 
 
 @dataclass
-class Sort(Task):
+class Reverse(StringTask):
+    "Reverse a string: prompt `'rev abcde='`, answer and solution `'edcba'`."
+
+    name = "reverse"
+
+    def make_example(
+        self,
+        rng: random.Random,  # the random stream
+    ) -> Example:
+        "Draw one string to reverse."
+        s = self.draw(rng)
+        return Example(prompt=f"rev {s}=", answer=s[::-1], solution=s[::-1])
+
+
+@dataclass
+class Sort(StringTask):
     "Sort the characters of a string: prompt `'sort dbca='`, answer and solution `'abcd'`."
 
-    min_len: int = 3  # shortest string (>= 1)
-    max_len: int = 8  # longest string
-    alphabet: str = string.ascii_lowercase  # characters to draw from (printable ASCII, no whitespace or '=')
-
     name = "sort"
-
-    def __post_init__(self):
-        _check_string_knobs("Sort", self.min_len, self.max_len, self.alphabet)
 
     def make_example(
         self,
         rng: random.Random,  # the random stream
     ) -> Example:
         "Draw one string to sort."
-        s = _random_string(rng, self.min_len, self.max_len, self.alphabet)
+        s = self.draw(rng)
         return Example(prompt=f"sort {s}=", answer="".join(sorted(s)), solution="".join(sorted(s)))
 
-    def is_correct(
-        self,
-        example: Example,  # the problem
-        completion: str,  # the policy's completion
-    ) -> bool:
-        "Exact match after stripping whitespace."
-        return completion.strip() == example.answer
 
 # %% ../nbs/01_tasks.ipynb #3160f57f
 GSM8K_INSTRUCTION = "Let's think step by step and output the final answer after \"####\"."  # verl's wording
