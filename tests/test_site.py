@@ -144,6 +144,21 @@ def test_paper_index_values_are_the_code_defaults():
             f"papers.md says {mod}.{const}.{field}={value}, the code has {actual!r}"
 
 
+def test_functions_named_in_the_paper_index_exist():
+    """Every function or class the paper index names for a paper is exported by the package (a renamed function
+    would leave the index pointing at nothing)."""
+    import rlbook
+    from pathlib import Path as _P
+    mods = [importlib.import_module(f"rlbook.{p.stem}") for p in _P(rlbook.__file__).parent.glob("*.py")
+            if not p.stem.startswith("_")]
+    exported = {n for m in mods for n in getattr(m, "__all__", [])}
+    rows = [r for r in (ROOT / "nbs" / "papers.md").read_text().splitlines() if r.startswith("| ") and "ipynb)" in r]
+    named = {n for r in rows for n in re.findall(r"`([A-Za-z_]\w*)`", r.split("|")[3])}
+    assert len(named) > 40
+    missing = sorted(named - exported)
+    assert not missing, f"nbs/papers.md names functions the package does not export: {missing}"
+
+
 # ---------------------------------------------------------------- in a real browser
 
 
