@@ -7,8 +7,8 @@ __all__ = ['PG_DEFAULTS', 'REINFORCE', 'RLOO', 'REMAX', 'REINFORCE_PP', 'score_f
            'leave_one_out_baseline', 'batch_mean_baseline', 'optimal_baseline', 'exact_estimator_variance',
            'discounted_returns', 'pg_loss', 'reinforce_advantages', 'rloo_advantages', 'remax_advantages',
            'reinforce_pp_advantages', 'mlp', 'run_episodes', 'cartpole_reinforce', 'PGConfig', 'kl_penalised_reward',
-           'kl_shaping', 'greedy_rewards', 'reinforce_adv', 'rloo_adv', 'remax_adv', 'reinforce_pp_adv', 'pg_advantage',
-           'pg_collect', 'pg_step', 'pg_objective', 'gradient_draws', 'OffsetAddition']
+           'reward_kl', 'kl_shaping', 'greedy_rewards', 'reinforce_adv', 'rloo_adv', 'remax_adv', 'reinforce_pp_adv',
+           'pg_advantage', 'pg_collect', 'pg_step', 'pg_objective', 'gradient_draws', 'OffsetAddition']
 
 # %% ../nbs/11_reinforce.ipynb #b873fb3e
 import dataclasses
@@ -267,17 +267,25 @@ def kl_penalised_reward(
     return reward - beta * (kl * mask).sum(-1)
 
 
+def reward_kl(
+    run: Run,  # the run; run.options is a PGConfig (its kl_estimator)
+    batch: dict,  # from collect_rollouts, with ref_logp
+) -> torch.Tensor:  # (B, T) per-token KL estimate of the sampled tokens, 0 on padding
+    "The per-token KL to the reference that the four methods charge in the reward (estimator kl_estimator)."
+    if "ref_logp" not in batch:
+        raise RLBookError("beta > 0 needs a reference policy: the method's setup must keep one (rlbook.train.with_reference)")
+    return KL_ESTIMATORS[run.options.kl_estimator](batch["logp_old"], batch["ref_logp"]) * batch["completion_mask"]
+
+
 def kl_shaping(
     run: Run,  # the run; run.options is a PGConfig
     batch: dict,  # from collect_rollouts, with score and ref_logp
 ) -> tuple[torch.Tensor, dict]:  # (B,) score - beta * sum_t KL_t, stats
-    "The reward shaping of the four methods: the sequence KL to the reference (estimator kl_estimator) folded into the score when beta > 0."
+    "The reward shaping of the four methods: the sequence KL to the reference (`reward_kl`) folded into the score when beta > 0."
     o = run.options
     if o.beta == 0:
         return batch["score"], {}
-    mask = batch["completion_mask"]
-    kl = KL_ESTIMATORS[o.kl_estimator](batch["logp_old"], batch["ref_logp"]) * mask  # (B, T)
-    return kl_penalised_reward(batch["score"], kl, mask, o.beta), {}
+    return kl_penalised_reward(batch["score"], reward_kl(run, batch), batch["completion_mask"], o.beta), {}
 
 # %% ../nbs/11_reinforce.ipynb #ff13e05e
 def greedy_rewards(
@@ -305,9 +313,9 @@ def remax_adv(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,), stat
 
 
 def reinforce_pp_adv(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B, T), stats
-    o, mask = run.options, batch["completion_mask"]
-    kl = KL_ESTIMATORS[o.kl_estimator](batch["logp_old"], batch["ref_logp"]) * mask  # (B, T), on the tokens
-    return reinforce_pp_advantages(batch["reward"], kl, mask, beta=o.beta, gamma=o.gamma), {}
+    o = run.options
+    return reinforce_pp_advantages(batch["reward"], reward_kl(run, batch), batch["completion_mask"], beta=o.beta,
+                                   gamma=o.gamma), {}
 
 
 def pg_advantage(
