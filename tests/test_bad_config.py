@@ -59,6 +59,16 @@ CASES = [
     (["--method", "rm", "--max-grad-norm", "-1"], "--max-grad-norm"),
     (["--method", "rloo", "--seed", "-1"], "--seed"), (["--method", "spin", "--steps", "0"], "--steps"),
     (["--method", "dapo", "--batch-size", "30", "--group-size", "8"], "--group-size"),
+    # TRL's names of the same settings: the message names the flag as given
+    (["--num-generations", "0"], "--num-generations"), (["--num-generations", "3"], "--num-generations"),
+    (["--generation-batch-size", "10", "--num-generations", "4"], "--num-generations"),
+    (["--num-iterations", "0"], "--num-iterations"), (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
+    (["--learning-rate", "nan"], "--learning-rate"), (["--learning-rate=-1e-4"], "--learning-rate"),
+    (["--max-completion-length", "0"], "--max-completion-length"), (["--max-steps", "0"], "--max-steps"),
+    (["--max-steps", "3", "--epochs", "2"], "--max-steps"),
+    (["--method", "ppo", "--num-ppo-epochs", "0"], "--num-ppo-epochs"),
+    (["--method", "ppo", "--response-length", "-1"], "--response-length"),
+    (["--model-name-or-path", "  "], "--model-name-or-path"),
 ]
 
 
