@@ -14,8 +14,7 @@ from .logprobs import last_token_mask, masked_whiten, token_mean
 
 # %% auto #0
 __all__ = ['td_errors', 'gae_advantages', 'token_rewards', 'token_ratio', 'clipped_surrogate', 'surrogate_stats',
-           'ppo_policy_loss', 'mdpo_policy_loss', 'clipped_surrogate_curve', 'plot_ppo_clip', 'explore_ppo_clip',
-           'value_loss', 'ActorCritic', 'cartpole_ppo']
+           'ppo_policy_loss', 'mdpo_policy_loss', 'value_loss', 'ActorCritic', 'cartpole_ppo']
 
 # %% ../nbs/14_ppo.ipynb #2b7e35ca
 def td_errors(
@@ -169,98 +168,6 @@ def mdpo_policy_loss(
     stats = surrogate_stats(ratio, logp, logp_old, torch.zeros_like(mask, dtype=torch.bool), mask)
     stats["kl/old"] = token_mean(kl.detach(), mask).item()
     return loss, stats
-
-# %% ../nbs/14_ppo.ipynb #84665ef4
-def clipped_surrogate_curve(
-    clip_eps: float = 0.2,  # epsilon of @eq-ppo-clip
-    adv: float = 1.0,  # the token's advantage A
-    dual_clip: float = 0.0,  # c of @eq-dual-clip (0 = off)
-    rho_max: float = 2.5,  # the ratio axis runs over (0, rho_max]
-    n: int = 501,  # grid points
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # ratio (n,), per-token objective l(rho) (n,), dl/drho (n,)
-    "The per-token objective of `ppo_policy_loss` (@eq-ppo-clip) on a grid of ratios, and its gradient by autograd."
-    ratio = torch.linspace(rho_max / n, rho_max, n, dtype=torch.float64).requires_grad_(True)
-    per_token = {}
-
-    def keep_sum(obj, mask, **kw):  # aggregate by a plain sum and keep the per-token objective for the curve
-        per_token["obj"] = obj
-        return (obj * mask).sum()
-
-    ones = torch.ones(1, n, dtype=torch.float64)
-    loss, _ = ppo_policy_loss(ratio.log()[None], torch.zeros(1, n, dtype=torch.float64), adv * ones, ones,
-                              clip_eps=clip_eps, dual_clip=dual_clip, aggregate=keep_sum)
-    grad, = torch.autograd.grad(-loss, ratio)  # tokens are independent: entry t is dl_t / drho_t
-    return ratio.detach(), per_token["obj"].detach()[0], grad
-
-
-def _zero_runs(x, zero):  # (start, end) of each run of consecutive grid points where zero is True
-    runs, start = [], None
-    for i, z in enumerate(zero.tolist() + [False]):
-        if z and start is None:
-            start = i
-        if not z and start is not None:
-            runs.append((x[start].item(), x[i - 1].item()))
-            start = None
-    return runs
-
-
-def plot_ppo_clip(
-    clip_eps: float = 0.2,  # epsilon: the ratio is clipped to [1 - eps, 1 + eps]
-    adv: float = 1.0,  # advantage A of the token (its sign decides which side is clipped)
-    dual_clip: float = 0.0,  # c > 1 of @eq-dual-clip, 0 = off
-    ax=None,  # two matplotlib Axes (objective, gradient); None: a new small figure
-):  # the matplotlib Figure
-    "The clipped surrogate min(rho A, clip(rho, 1-eps, 1+eps) A) of @eq-ppo-clip against rho, and dl/drho; grey where it is 0."
-    import matplotlib.pyplot as plt
-
-    ratio, obj, grad = clipped_surrogate_curve(clip_eps, adv, dual_clip, rho_max=max(2.5, dual_clip + 1.0))
-    if ax is None:
-        _, ax = plt.subplots(1, 2, figsize=(8, 3))
-    ax_l, ax_g = ax
-    runs = _zero_runs(ratio, grad == 0)
-    for a in (ax_l, ax_g):
-        for lo, hi in runs:
-            a.axvspan(lo, hi, color="0.88", lw=0)
-        for edge in (1 - clip_eps, 1 + clip_eps):
-            a.axvline(edge, color="0.5", lw=0.6, ls=":")
-        a.set_xlabel("ratio ρ = π_θ / π_old")
-    ax_l.plot(ratio, ratio * adv, color="0.6", ls="--", lw=1, label="ρA (no clip)")
-    ax_l.plot(ratio, obj, color="C0", label="clipped ℓ(ρ)")
-    ax_l.set(title=f"objective, A = {adv:+.2g}, ε = {clip_eps:.2g}", ylabel="per-token objective")
-    ax_l.legend(fontsize=8)
-    ax_g.plot(ratio, grad, color="C1", label="∂ℓ/∂ρ")
-    ax_g.set(title="gradient (grey: zero, the token is ignored)", ylabel="∂ℓ/∂ρ")
-    lim = max(abs(adv), 0.1) * 1.2
-    ax_g.set_ylim(-lim, lim)
-    ax_l.figure.tight_layout()
-    return ax_l.figure
-
-
-def explore_ppo_clip(
-    clip_eps: float = 0.2,  # initial epsilon
-    adv: float = 1.0,  # initial advantage
-):  # ipywidgets.interactive: sliders clip_eps in [0.05, 0.5], adv in [-2, 2], a dual-clip choice; .result holds the last stats
-    "Move epsilon and the sign of A in @eq-ppo-clip and watch where the gradient vanishes (and @eq-dual-clip's extra cut)."
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    def show(clip_eps, adv, dual_clip):
-        fig = plot_ppo_clip(clip_eps, adv, dual_clip)
-        display(fig)
-        plt.close(fig)
-        ratio, _, grad = clipped_surrogate_curve(clip_eps, adv, dual_clip, rho_max=max(2.5, dual_clip + 1.0))
-        runs = _zero_runs(ratio, grad == 0)
-        print(f"eps={clip_eps:.2f} A={adv:+.2f}: gradient zero for rho in",
-              ", ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in runs) or "nowhere")
-        return {"clip_eps": clip_eps, "adv": adv, "dual_clip": dual_clip, "zero_grad": runs}
-
-    return widgets.interactive(
-        show,
-        clip_eps=widgets.FloatSlider(value=clip_eps, min=0.05, max=0.5, step=0.01, description="ε"),
-        adv=widgets.FloatSlider(value=adv, min=-2.0, max=2.0, step=0.1, description="A"),
-        dual_clip=widgets.Dropdown(options=[("off", 0.0), ("c = 2", 2.0), ("c = 3", 3.0)], value=0.0,
-                                   description="dual clip"))
 
 # %% ../nbs/14_ppo.ipynb #26c0e19c
 def value_loss(

@@ -5,8 +5,7 @@
 # %% auto #0
 __all__ = ['check_preference_matrix', 'Game', 'transitive_game', 'rock_paper_scissors', 'random_intransitive_game', 'win_rates',
            'preference_payoff', 'kl_categorical', 'best_response', 'duality_gap', 'mirror_prox_logits',
-           'optimality_residual', 'nash_equilibrium', 'bt_log_likelihood', 'bt_fit', 'bt_policy',
-           'preference_game_summary', 'plot_preference_game', 'explore_preference_game']
+           'optimality_residual', 'nash_equilibrium', 'bt_log_likelihood', 'bt_fit', 'bt_policy']
 
 # %% ../nbs/50_preferences.ipynb #15c9fc3c
 from dataclasses import dataclass
@@ -235,92 +234,3 @@ def bt_policy(
 ) -> torch.Tensor:  # (K,) the KL-regularised reward maximiser
     "@eq-bt-policy: the RLHF optimum ref * exp(r / beta), normalised."
     return torch.softmax(ref.log() + r / beta, 0)
-
-# %% ../nbs/50_preferences.ipynb #17e86ffd
-def preference_game_summary(
-    P,  # (K, K) preference matrix (@eq-pref-matrix)
-    ref=None,  # (K,) reference policy (None: uniform); the Bradley–Terry pairs are drawn with weights ref ref^T
-    beta: float = 0.1,  # KL strength of the BT policy (@eq-bt-policy) and of the Nash equilibrium (@eq-reg-game)
-) -> dict:  # r_hat, pi_argmax, pi_bt, pi_nash (K,) and their head-to-head and worst-case win rates
-    "Bradley–Terry fit (@eq-bt-mle), its argmax and KL-regularised policies, and the regularised Nash equilibrium of P."
-    P = check_preference_matrix(P)
-    K = P.shape[0]
-    ref = torch.full((K,), 1.0 / K, dtype=torch.float64) if ref is None else torch.as_tensor(ref, dtype=torch.float64)
-    ref = ref / ref.sum()
-    r_hat = bt_fit(P, torch.outer(ref, ref))
-    top = (r_hat >= r_hat.max() - 1e-9).to(torch.float64)
-    pols = {"pi_argmax": top / top.sum(), "pi_bt": bt_policy(r_hat, ref, beta), "pi_nash": nash_equilibrium(P, ref, beta, tol=1e-9)}
-    out = {"P": P, "ref": ref, "beta": beta, "r_hat": r_hat, **pols}
-    for name in ("pi_argmax", "pi_bt"):
-        out[f"win/{name[3:]}_vs_nash"] = preference_payoff(pols[name], pols["pi_nash"], P).item()
-    for name, pi in pols.items():
-        out[f"worst/{name[3:]}"] = 1.0 - win_rates(P, pi).max().item()  # min over y of P(pi ≻ y)
-    return out
-
-
-def plot_preference_game(
-    P,  # (K, K) preference matrix, P[i, j] = P(y_i ≻ y_j)
-    ref=None,  # (K,) reference policy (None: uniform); also the BT pair weights ref ref^T
-    beta: float = 0.1,  # KL strength
-    labels=None,  # names of the K responses (None: a, b, c, ...)
-    ax=None,  # three matplotlib Axes (matrix, BT reward, policies); None: a new small figure
-):  # the matplotlib Figure
-    "P, the Bradley–Terry reward (@eq-bt-mle), pi_BT (@eq-bt-policy) and its argmax next to the Nash equilibrium (@eq-reg-game)."
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    s = preference_game_summary(P, ref, beta)
-    K = s["P"].shape[0]
-    labels = list("abcdefghijklmnopqrstuvwxyz"[:K]) if labels is None else list(labels)
-    if ax is None:
-        _, ax = plt.subplots(1, 3, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
-    ax_p, ax_r, ax_pi = ax
-    ax_p.imshow(s["P"].numpy(), vmin=0, vmax=1, cmap="RdBu_r")
-    for i in range(K):
-        for j in range(K):
-            ax_p.text(j, i, f"{s['P'][i, j].item():.2f}", ha="center", va="center", fontsize=8)
-    ax_p.set(xticks=range(K), yticks=range(K), xticklabels=labels, yticklabels=labels, title="P(row ≻ column)")
-    x = np.arange(K)
-    ax_r.bar(x, s["r_hat"].numpy(), color="C4")
-    ax_r.axhline(0, color="k", lw=0.5)
-    ax_r.set(xticks=x, xticklabels=labels, title="Bradley–Terry reward r̂")
-    w = 0.2
-    for k, (name, lab, col) in enumerate([("ref", "π_ref", "C7"), ("pi_argmax", "argmax r̂", "C4"),
-                                          ("pi_bt", f"π_BT (β={beta:.2g})", "C1"), ("pi_nash", "Nash π*_β", "C0")]):
-        ax_pi.bar(x + (k - 1.5) * w, s[name].numpy(), w, color=col, label=lab)
-    ax_pi.set(xticks=x, xticklabels=labels, ylim=(0, 1.3), ylabel="probability")
-    ax_pi.set_title(f"P(argmax ≻ π*) = {s['win/argmax_vs_nash']:.3f},  P(π_BT ≻ π*) = {s['win/bt_vs_nash']:.3f}\n"
-                    f"worst-case win rate: argmax {s['worst/argmax']:.2f}, π_BT {s['worst/bt']:.2f}, "
-                    f"π* {s['worst/nash']:.2f}", fontsize=9)
-    ax_pi.legend(fontsize=7, loc="upper center", ncol=4)
-    ax_p.figure.tight_layout()
-    return ax_p.figure
-
-
-def explore_preference_game(
-    ref=(0.6, 0.3, 0.1),  # (3,) reference policy over a, b, c (also the BT pair weights)
-    p_ab: float = 0.8,  # initial P(a ≻ b)
-    p_bc: float = 0.8,  # initial P(b ≻ c)
-    p_ac: float = 0.2,  # initial P(a ≻ c); 0.2 with the two above is rock-paper-scissors(0.3)
-):  # ipywidgets.interactive: sliders P(a≻b), P(b≻c), P(a≻c) in [0.02, 0.98] and beta (0.01 to 1); .result holds the summary
-    "Edit a 3x3 preference matrix (@eq-pref-matrix) and compare the Bradley–Terry route (@eq-bt-policy) with the Nash equilibrium (@eq-reg-game)."
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    def show(p_ab, p_bc, p_ac, beta):
-        P = torch.tensor([[0.5, p_ab, p_ac], [1 - p_ab, 0.5, p_bc], [1 - p_ac, 1 - p_bc, 0.5]], dtype=torch.float64)
-        fig = plot_preference_game(P, ref, beta)
-        display(fig)
-        plt.close(fig)
-        s = preference_game_summary(P, ref, beta)
-        print(f"r_hat={s['r_hat'].numpy().round(3)}  pi_BT={s['pi_bt'].numpy().round(3)}  pi*={s['pi_nash'].numpy().round(3)}")
-        return s
-
-    slider = dict(min=0.02, max=0.98, step=0.01)
-    return widgets.interactive(
-        show,
-        p_ab=widgets.FloatSlider(value=p_ab, description="P(a≻b)", **slider),
-        p_bc=widgets.FloatSlider(value=p_bc, description="P(b≻c)", **slider),
-        p_ac=widgets.FloatSlider(value=p_ac, description="P(a≻c)", **slider),
-        beta=widgets.FloatLogSlider(value=0.1, base=10, min=-2, max=0, step=0.05, description="β"))

@@ -121,39 +121,3 @@ def test_bradley_terry_failure():
         assert 1 - (game.P @ pi_bt).max() < 0.1 and 1 - (game.P @ pi_star).max() > 0.42
         # head-to-head against the regularised equilibrium stays near 1/2 either way
         assert abs(preference_payoff(pi_bt, pi_star, game.P) - 0.5) < 0.05
-
-
-# ---------------------------------------------------------------- the explorer of the preference game
-def test_plot_preference_game_draws_bt_and_nash():
-    import matplotlib.pyplot as plt
-
-    from rlbook.preferences import plot_preference_game
-    game = random_intransitive_game(K=4, seed=2)
-    fig = plot_preference_game(game.P, game.ref, 0.2)
-    ax_p, ax_r, ax_pi = fig.axes
-    assert torch.allclose(torch.as_tensor(ax_p.images[0].get_array().data, dtype=torch.float64), game.P)
-    r_hat = bt_fit(game.P, torch.outer(game.ref, game.ref))
-    assert torch.allclose(torch.tensor([b.get_height() for b in ax_r.containers[0]], dtype=torch.float64), r_hat)
-    ref_b, top_b, bt_b, nash_b = (torch.tensor([b.get_height() for b in c], dtype=torch.float64) for c in ax_pi.containers)
-    assert torch.allclose(ref_b, game.ref) and top_b[r_hat.argmax()] == 1 and top_b.sum() == 1
-    assert torch.allclose(bt_b, bt_policy(r_hat, game.ref, 0.2))
-    assert duality_gap(nash_b, game.P, game.ref, 0.2) < 1e-7
-    plt.close(fig)
-
-
-def test_explore_preference_game_sliders_and_rerender():
-    import ipywidgets
-
-    from rlbook.preferences import explore_preference_game
-    w = explore_preference_game(ref=(1 / 3, 1 / 3, 1 / 3))
-    ab, bc, ac, beta = w.children[:4]
-    assert [s.description for s in (ab, bc, ac)] == ["P(a≻b)", "P(b≻c)", "P(a≻c)"]
-    assert all((s.min, s.max) == (0.02, 0.98) for s in (ab, bc, ac))
-    assert isinstance(beta, ipywidgets.FloatLogSlider) and (beta.min, beta.max) == (-2, 0)
-    # uniform reference on rock-paper-scissors: the BT fit is flat and the equilibrium is uniform
-    assert w.result["r_hat"].abs().max() < 1e-9 and torch.allclose(w.result["pi_nash"], torch.full((3,), 1 / 3, dtype=torch.float64))
-    bc.value = 0.3  # now c beats b and a: c is a Condorcet winner
-    P = w.result["P"]
-    assert torch.allclose(P + P.T, torch.ones(3, 3, dtype=torch.float64)) and P[1, 2] == 0.3
-    assert w.result["pi_nash"].argmax() == 2 and w.result["r_hat"].argmax() == 2
-    assert w.result["win/bt_vs_nash"] == pytest.approx(preference_payoff(w.result["pi_bt"], w.result["pi_nash"], P).item())

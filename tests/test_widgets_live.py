@@ -2,8 +2,9 @@
 
 The test starts its own JupyterLab server on 127.0.0.1 (a free port, a random token, no browser,
 this checkout's `rlbook` on the kernel's path). For each chapter with an explorer (a code cell that
-calls `explore_...()`), it writes a two-cell notebook into a temporary folder (the chapter module's
-import, then the chapter's explorer cell verbatim: running the whole chapter would take minutes),
+calls `explore_...()`), it writes a two-cell notebook into a temporary folder (the explorer's import,
+from the module the chapter imports it from, `rlbook.explore` (chapter 97), or else from the chapter's
+own module, then the chapter's explorer cell verbatim: running the whole chapter would take minutes),
 opens it in JupyterLab, runs it, focuses the explorer's first slider and presses the arrow key, and
 checks that the printed value line and the figure's pixels changed. The server is stopped in all
 cases. Screenshots of the output area before and after go to $RLBOOK_SCREENSHOTS (or a temporary
@@ -13,6 +14,7 @@ Needs Chromium and its driver (`apt-get install chromium chromium-driver`; .ci/r
 skipped without them, except in CI (CI=true), where it fails.
 """
 
+import ast
 import io
 import json
 import os
@@ -34,8 +36,23 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 
 
+def imported_from(cells: list, name: str):
+    """The module `m` of a `from rlbook.m import ..., name, ...` in the cells, or None."""
+    for s in cells:
+        try:
+            tree = ast.parse("\n".join(ln for ln in s.split("\n") if not ln.lstrip().startswith(("%", "!"))))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlbook.")
+                    and any(a.name == name for a in node.names)):
+                return node.module.split(".", 1)[1]
+    return None
+
+
 def explorer_chapters() -> list:
-    """[(notebook, module, explorer cell)] for every chapter whose code calls an `explore_...()`."""
+    """[(notebook, module, explorer cell)] for every chapter whose code calls an `explore_...()`; the module is
+    the one the notebook imports the explorer from (`rlbook.explore`), or else the chapter's own."""
     out = []
     for nb in sorted(NBS.glob("[0-9][0-9]_*.ipynb")):
         cells = [
@@ -59,7 +76,8 @@ def explorer_chapters() -> list:
             and not s.lstrip().startswith("#|")
         ]
         if module and calls:
-            out.append((nb.name, module, calls[0]))
+            fn = re.match(r"\s*(explore_\w+)", calls[0]).group(1)
+            out.append((nb.name, imported_from(cells, fn) or module, calls[0]))
     return out
 
 

@@ -284,8 +284,23 @@ def load_times() -> dict:
     return json.loads(TIMES.read_text()) if TIMES.is_file() else {}
 
 
+@functools.lru_cache(maxsize=None)
+def chapter_modules() -> dict:
+    """{module: notebook file} of the numbered chapters."""
+    out = {}
+    for nb in sorted(NBS.glob("[0-9][0-9]_*.ipynb")):
+        for c in json.loads(nb.read_text())["cells"]:
+            m = re.search(r"^#\|\s*default_exp\s+(\S+)", "".join(c["source"]), re.M)
+            if c["cell_type"] == "code" and m:
+                out.setdefault(m.group(1), nb.name)
+    return out
+
+
 def chapter_facts(nb_file: str) -> dict:
-    """Module, title, subtitle, prerequisites (chapters whose modules its code imports), flagged cells."""
+    """Module, title, subtitle, prerequisites (earlier chapters whose modules its code imports), flagged cells.
+
+    A notebook cell may import a later chapter's module to show something (chapters 10, 14 and 50 draw their
+    explorers with chapter 97's `rlbook.explore`); exported code may not, so that import is no prerequisite."""
     nb = json.loads((NBS / nb_file).read_text())
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     md = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
@@ -297,7 +312,8 @@ def chapter_facts(nb_file: str) -> dict:
         imports |= set(re.findall(r"^\s*(?:from|import)\s+rlbook\.(\w+)", s, re.M))
     flagged = sum(bool(re.search(r"^#\|\s*(slow|gpu)\b", s, re.M)) for s in code)
     stubs = [n for s in code if "NotImplementedError" in s for n in stub_functions(s)]
-    return {"file": nb_file, "module": module, "title": title, "subtitle": sub, "imports": imports - {module},
+    later = {m for m, f in chapter_modules().items() if f > nb_file}
+    return {"file": nb_file, "module": module, "title": title, "subtitle": sub, "imports": imports - {module} - later,
             "flagged": flagged, "stubs": stubs}
 
 
