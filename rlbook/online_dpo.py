@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .dpo import (DPOConfig, PreferenceTask, TaskGold, dpo_loss, dpo_setup, encode_preferences,
-                        epoch_indices, pair_logprobs)
+from .dpo import DPOConfig, dpo_loss, dpo_setup
 from .models import RLBookError
+from .preference_data import PreferenceTask, TaskGold, encode_preferences, epoch_indices, pair_logprobs
 from .rollout import generate
 from .tasks import BradleyTerryOracle
 from .train import Method, Run, collect_rollouts, shard, step_seed, with_reference
