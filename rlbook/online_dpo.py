@@ -14,9 +14,9 @@ import torch
 
 from .dpo import DPOConfig, dpo_loss, dpo_setup
 from .models import RLBookError
-from .preference_data import PreferenceTask, TaskGold, encode_preferences, epoch_indices, pair_logprobs
+from .preference_data import (PreferenceTask, encode_preferences, epoch_indices, gold_oracle, label_pairs,
+                                    pair_logprobs, register_examples)
 from .rollout import generate
-from .tasks import BradleyTerryOracle
 from .train import Method, Run, collect_rollouts, shard, step_seed, with_reference
 
 # %% ../nbs/31_online_dpo.ipynb #3f208447
@@ -50,20 +50,11 @@ def label_rollout_pairs(
     oracle,  # a PreferenceOracle on (prompt, completion); a TaskGold reward_fn gets the examples registered
     generator,  # torch.Generator for the labels
 ) -> tuple[list, dict]:  # B/2 records {'prompt', 'chosen', 'rejected', 'gold_chosen', 'gold_rejected'}, stats
-    "Preference records from consecutive pairs of samples, labelled by the oracle."
+    "Preference records from consecutive pairs of samples, labelled by the oracle (`label_pairs` of chapter 06)."
     if len(examples) % 2 or len(examples) != len(completions):
         raise RLBookError("label_rollout_pairs needs group_size=2: consecutive rows answering the same prompt")
-    if isinstance(getattr(oracle, "reward_fn", None), TaskGold):
-        oracle.reward_fn.register(examples[::2])
-    recs = []
-    for i in range(0, len(examples), 2):
-        x, a, b = examples[i].prompt, completions[i], completions[i + 1]
-        if not oracle.compare(x, a, b, generator):
-            a, b = b, a
-        rec = {"prompt": x, "chosen": a, "rejected": b}
-        if hasattr(oracle, "gold_reward"):
-            rec.update(gold_chosen=oracle.gold_reward(x, a), gold_rejected=oracle.gold_reward(x, b))
-        recs.append(rec)
+    register_examples(oracle, examples[::2])
+    recs = label_pairs([e.prompt for e in examples[::2]], completions[0::2], completions[1::2], oracle, generator)
     n = max(len(recs), 1)
     return recs, {"pairs/identical_frac": sum(r["chosen"] == r["rejected"] for r in recs) / n}
 
@@ -108,8 +99,7 @@ def online_dpo_collect(run: Run) -> tuple[dict, dict]:  # one row per labelled p
         raise RLBookError("online DPO samples a pair per prompt: use group_size=2 and temperature > 0")
     synced = sync_reference(run, o.ref_sync_every)
     ro, stats = collect_rollouts(run, reference=False)  # the pairs get their reference log-probs below
-    oracle = BradleyTerryOracle(reward_fn=TaskGold(run.task, partial=o.gold_partial), beta=o.oracle_beta,
-                                label_noise=o.label_noise)
+    oracle = gold_oracle(run.task, beta=o.oracle_beta, label_noise=o.label_noise, partial=o.gold_partial)
     recs, st = label_rollout_pairs(ro["examples"], ro["completions"], oracle, run.generator(salt=31))
     stats.update(st)
     stats["gold/chosen"] = sum(r["gold_chosen"] for r in recs) / len(recs)

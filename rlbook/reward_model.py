@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .logprobs import position_ids_from_mask
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
+from .preference_data import label_pairs, register_examples
 from .rollout import encode_pairs, generate
 from .tasks import BradleyTerryOracle, extract_answer
 from .train import Method, Run, find_checkpoint, read_state, step_seed
@@ -149,22 +150,15 @@ def preference_pairs(
     examples: list,  # Example objects (prompts)
     oracle: BradleyTerryOracle,  # the simulated annotator
     *,
-    generator: torch.Generator,  # sampling and labelling randomness
+    generator: torch.Generator,  # sampling, then labelling randomness
     max_new_tokens: int = 8,  # completion budget
     temperature: float = 1.0,  # sampling temperature of the two completions
-) -> dict:  # prompts, chosen, rejected (lists), weight, gold_chosen, gold_rejected (tensors)
-    "Two samples per prompt, labelled by the oracle; identical pairs get weight 0."
+) -> list:  # one record {'prompt', 'chosen', 'rejected', 'gold_chosen', 'gold_rejected'} per example
+    "Two samples per prompt, labelled by the oracle (`label_pairs` of chapter 06); identical pairs are kept."
+    register_examples(oracle, examples)
     ro = generate(policy, tokenizer, [e.prompt for e in examples], group_size=2, max_new_tokens=max_new_tokens,
                   temperature=temperature, generator=generator)
-    P, C, R, W, GC, GR = [], [], [], [], [], []
-    for i, e in enumerate(examples):
-        a, b = ro.completions[2 * i], ro.completions[2 * i + 1]
-        a_wins = oracle.compare(e.prompt, a, b, generator)
-        w, l = (a, b) if a_wins else (b, a)
-        P.append(e.prompt); C.append(w); R.append(l); W.append(float(a != b))
-        GC.append(oracle.gold_reward(e.prompt, w)); GR.append(oracle.gold_reward(e.prompt, l))
-    return {"prompts": P, "chosen": C, "rejected": R, "weight": torch.tensor(W),
-            "gold_chosen": torch.tensor(GC), "gold_rejected": torch.tensor(GR)}
+    return label_pairs([e.prompt for e in examples], ro.completions[0::2], ro.completions[1::2], oracle, generator)
 
 
 GOLDS = {"addition": addition_gold, "mean_digit": mean_digit}  # gold rewards of the simulated annotator
@@ -201,18 +195,18 @@ def make_oracle(o: RMConfig) -> BradleyTerryOracle:
 
 
 def rm_collect(run: Run) -> tuple[dict, dict]:  # batch (chosen/rejected encodings, weight), stats
-    "One labelled pair per prompt, written by the frozen policy and labelled by the oracle."
+    "One labelled pair per prompt, written by the frozen policy and labelled by the oracle; identical pairs weigh 0."
     o = run.options
     ex = run.task.sample(run.cfg.batch_size // run.world, seed=step_seed(run.cfg.seed, run.step, run.rank), split="train")
-    pairs = preference_pairs(run.model, run.tokenizer, ex, make_oracle(o), generator=run.generator(),
-                             max_new_tokens=run.cfg.max_new_tokens, temperature=o.pair_temperature)
-    ch = encode_pairs(run.tokenizer, pairs["prompts"], pairs["chosen"], device=run.device)
-    rj = encode_pairs(run.tokenizer, pairs["prompts"], pairs["rejected"], device=run.device)
-    w = pairs["weight"].to(run.device)
-    label_right = (pairs["gold_chosen"] >= pairs["gold_rejected"]).float()
-    batch = {"chosen_ids": ch["input_ids"], "chosen_mask": ch["attention_mask"], "rejected_ids": rj["input_ids"],
-             "rejected_mask": rj["attention_mask"], "weight": w}
-    return batch, {"pairs/distinct": w.mean().item(), "pairs/label_agrees_gold": label_right.mean().item()}
+    recs = preference_pairs(run.model, run.tokenizer, ex, make_oracle(o), generator=run.generator(),
+                            max_new_tokens=run.cfg.max_new_tokens, temperature=o.pair_temperature)
+    prompts, batch = [r["prompt"] for r in recs], {}
+    for name in ("chosen", "rejected"):  # two forward passes in rm_step: each side at its own padded width
+        enc = encode_pairs(run.tokenizer, prompts, [r[name] for r in recs], device=run.device)
+        batch[f"{name}_ids"], batch[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
+    batch["weight"] = w = torch.tensor([float(r["chosen"] != r["rejected"]) for r in recs], device=run.device)
+    gold_c, gold_r = (torch.tensor([r[k] for r in recs]) for k in ("gold_chosen", "gold_rejected"))
+    return batch, {"pairs/distinct": w.mean().item(), "pairs/label_agrees_gold": (gold_c >= gold_r).float().mean().item()}
 
 
 def rm_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
@@ -240,11 +234,13 @@ def rm_accuracy(
     "Pairwise accuracy of the RM against the gold reward on held-out prompts."
     oracle = BradleyTerryOracle(gold, beta=1e-3)
     ex = task.sample(n, seed=seed, split="test")
-    pairs = preference_pairs(policy, tokenizer, ex, oracle, generator=torch.Generator().manual_seed(seed),
-                             max_new_tokens=max_new_tokens)
-    keep = pairs["gold_chosen"] != pairs["gold_rejected"]
-    rc = score_texts(rm, tokenizer, pairs["prompts"], pairs["chosen"])
-    rr = score_texts(rm, tokenizer, pairs["prompts"], pairs["rejected"])
+    recs = preference_pairs(policy, tokenizer, ex, oracle, generator=torch.Generator().manual_seed(seed),
+                            max_new_tokens=max_new_tokens)
+    gold_c, gold_r = (torch.tensor([r[k] for r in recs]) for k in ("gold_chosen", "gold_rejected"))
+    keep = gold_c != gold_r
+    prompts = [r["prompt"] for r in recs]
+    rc = score_texts(rm, tokenizer, prompts, [r["chosen"] for r in recs])
+    rr = score_texts(rm, tokenizer, prompts, [r["rejected"] for r in recs])
     acc = ((rc > rr).float()[keep]).mean().item() if keep.any() else float("nan")
     return {"accuracy": acc, "n_pairs": int(keep.sum())}
 
