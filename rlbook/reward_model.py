@@ -32,7 +32,7 @@ def bradley_terry_loss(
     label_smoothing: float = 0.0,  # s: assume each label is flipped with probability s
     center_coef: float = 0.0,  # eta of the centring penalty eta * (r_w + r_l)^2
     n_seqs: int | None = None,  # pairs in the whole minibatch (accumulation-safe normaliser; None: sum of weights)
-) -> tuple[torch.Tensor, dict]:  # loss, stats (accuracy, margin, reward/chosen, reward/rejected)
+) -> tuple[torch.Tensor, dict]:  # loss, stats (TRL's and DPO's names: rewards/accuracy, rewards/margin, rewards/chosen, rewards/rejected)
     "@eq-bt-loss: -log sigmoid(r_w - r_l), optionally label-smoothed and with a centring penalty; weighted mean over pairs."
     w = torch.ones_like(chosen_reward) if weight is None else weight.float()
     delta = chosen_reward - rejected_reward  # (B,)
@@ -43,9 +43,10 @@ def bradley_terry_loss(
     loss = (per * w).sum() / denom
     with torch.no_grad():
         k = max(float(w.sum()), 1.0)
-        stats = {"accuracy": float(((delta > 0).float() * w).sum() / k), "margin": float((delta * w).sum() / k),
-                 "reward/chosen": float((chosen_reward * w).sum() / k),
-                 "reward/rejected": float((rejected_reward * w).sum() / k)}
+        stats = {"rewards/accuracy": float(((delta > 0).float() * w).sum() / k),
+                 "rewards/margin": float((delta * w).sum() / k),
+                 "rewards/chosen": float((chosen_reward * w).sum() / k),
+                 "rewards/rejected": float((rejected_reward * w).sum() / k)}
     return loss, stats
 
 # %% ../nbs/20_reward_models.ipynb #4f3b9fce
@@ -203,7 +204,7 @@ def rm_collect(run: Run) -> tuple[dict, dict]:  # batch (chosen/rejected encodin
     prompts, batch = [r["prompt"] for r in recs], {}
     for name in ("chosen", "rejected"):  # two forward passes in rm_step: each side at its own padded width
         enc = encode_pairs(run.tokenizer, prompts, [r[name] for r in recs], device=run.device)
-        batch[f"{name}_ids"], batch[f"{name}_mask"] = enc["input_ids"], enc["attention_mask"]
+        batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = enc["input_ids"], enc["attention_mask"]
     batch["weight"] = w = torch.tensor([float(r["chosen"] != r["rejected"]) for r in recs], device=run.device)
     gold_c, gold_r = (torch.tensor([r[k] for r in recs]) for k in ("gold_chosen", "gold_rejected"))
     return batch, {"pairs/distinct": w.mean().item(), "pairs/label_agrees_gold": (gold_c >= gold_r).float().mean().item()}
@@ -213,8 +214,8 @@ def rm_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Score chosen and rejected with the RM and take the Bradley-Terry loss @eq-bt-loss."
     o = run.options
     rm = run.modules["rm"]
-    rc = rm(mb["chosen_ids"], mb["chosen_mask"])
-    rr = rm(mb["rejected_ids"], mb["rejected_mask"])
+    rc = rm(mb["chosen_input_ids"], mb["chosen_attention_mask"])
+    rr = rm(mb["rejected_input_ids"], mb["rejected_attention_mask"])
     return bradley_terry_loss(rc, rr, weight=mb["weight"], label_smoothing=o.label_smoothing,
                               center_coef=o.center_coef, n_seqs=mb["n_seqs"])
 
