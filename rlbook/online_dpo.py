@@ -17,18 +17,18 @@ from .models import RLBookError
 from .preference_data import (PreferenceTask, encode_preferences, epoch_indices, gold_oracle, label_pairs,
                                     pair_logprobs, register_examples)
 from .rollout import generate
-from .train import Method, Run, collect_rollouts, shard, step_seed, with_reference
+from .train import Method, Run, collect_rollouts, shard, with_reference
 
 # %% ../nbs/31_online_dpo.ipynb #3f208447
 def xpo_bonus_loss(
-    ref_sample_logp: torch.Tensor,  # (B,) log pi_theta(y~ | x) of samples y~ of the reference
+    reference_sample_logp: torch.Tensor,  # (B,) log pi_theta(y~ | x) of samples y~ of the reference (under the policy)
     *,
     alpha: float = 1e-3,  # exploration coefficient
     n_pairs: int | None = None,  # pairs in the whole minibatch (None: B)
 ) -> tuple[torch.Tensor, dict]:  # loss, stats
     "@eq-xpo's bonus: alpha times the policy's log-likelihood of reference samples (minimised)."
-    n = ref_sample_logp.shape[0] if n_pairs is None else n_pairs
-    return alpha * ref_sample_logp.sum() / n, {"xpo/ref_sample_logp": ref_sample_logp.mean().item()}
+    n = reference_sample_logp.shape[0] if n_pairs is None else n_pairs
+    return alpha * reference_sample_logp.sum() / n, {"xpo/ref_sample_logp": reference_sample_logp.mean().item()}
 
 
 def online_kl_loss(
@@ -106,30 +106,27 @@ def online_dpo_collect(run: Run) -> tuple[dict, dict]:  # one row per labelled p
     stats["gold/rejected"] = sum(r["gold_rejected"] for r in recs) / len(recs)
     stats["ref/synced"] = float(synced)
     names = ("chosen", "rejected")
-    if o.xpo_alpha > 0:  # one reference sample per prompt for the exploration bonus
+    if o.xpo_alpha > 0:  # one sample of the reference per prompt for the exploration bonus
         ref_ro = generate(run.ref, run.tokenizer, [r["prompt"] for r in recs], max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, generator=run.generator(salt=32))
         for r, s in zip(recs, ref_ro.completions):
-            r["ref_sample"] = s
-        names = names + ("ref_sample",)
+            r["reference_sample"] = s
+        names = names + ("reference_sample",)
     batch = encode_preferences(run.tokenizer, recs, device=run.device, extra=names[2:])
     _ref_logps(run, batch, ("chosen", "rejected"))
     return batch, stats
 
 
 def spin_collect(run: Run) -> tuple[dict, dict]:  # one row per (SFT answer, policy sample) pair
-    "SPIN: chosen = the dataset's solution, rejected = the current policy's sample (algorithm step 2)."
-    o, cfg = run.options, run.cfg
-    synced = sync_reference(run, o.ref_sync_every)
-    ex = shard(run.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, run.step), split="train"), run)
-    ro = generate(run.model, run.tokenizer, [e.prompt for e in ex], max_new_tokens=cfg.max_new_tokens,
-                  temperature=cfg.temperature, generator=run.generator())
-    recs = [{"prompt": e.prompt, "chosen": e.solution, "rejected": c} for e, c in zip(ex, ro.completions)]
+    "SPIN: chosen = the dataset's solution, rejected = the current policy's sample of collect_rollouts (algorithm step 2)."
+    synced = sync_reference(run, run.options.ref_sync_every)
+    ro, stats = collect_rollouts(run, reference=False)  # the pairs get their reference log-probs below
+    recs = [{"prompt": e.prompt, "chosen": e.solution, "rejected": c} for e, c in zip(ro["examples"], ro["completions"])]
     batch = encode_preferences(run.tokenizer, recs, device=run.device)
     _ref_logps(run, batch, ("chosen", "rejected"))
-    same = sum(r["chosen"] == r["rejected"] for r in recs) / len(recs)
-    return batch, {"pairs/identical_frac": same, "reward/mean": sum(run.task.reward(e, c) for e, c in zip(ex, ro.completions)) / len(ex),
-                   "ref/synced": float(synced)}
+    stats["pairs/identical_frac"] = sum(r["chosen"] == r["rejected"] for r in recs) / len(recs)
+    stats["ref/synced"] = float(synced)
+    return batch, stats
 
 
 def hypo_collect(run: Run) -> tuple[dict, dict]:  # offline pairs plus one policy sample per pair
@@ -149,12 +146,12 @@ def hypo_collect(run: Run) -> tuple[dict, dict]:  # offline pairs plus one polic
 def online_dpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "DPO on the step's fresh pairs, plus @eq-xpo's bonus when xpo_alpha > 0 (algorithm step 4)."
     o = run.options
-    names = ("chosen", "rejected", "ref_sample") if "ref_sample_input_ids" in mb else ("chosen", "rejected")
-    lp = pair_logprobs(run.policy, mb, names)
+    xpo = "reference_sample_input_ids" in mb
+    lp = pair_logprobs(run.policy, mb, ("chosen", "rejected", "reference_sample") if xpo else ("chosen", "rejected"))
     loss, stats = dpo_loss(lp["chosen_logp"], lp["rejected_logp"], mb["ref_chosen_logp"], mb["ref_rejected_logp"],
                            beta=o.beta, n_pairs=mb["n_seqs"])
-    if "ref_sample_logp" in lp:
-        bonus, st = xpo_bonus_loss(lp["ref_sample_logp"], alpha=o.xpo_alpha, n_pairs=mb["n_seqs"])
+    if xpo:
+        bonus, st = xpo_bonus_loss(lp["reference_sample_logp"], alpha=o.xpo_alpha, n_pairs=mb["n_seqs"])
         loss, stats = loss + bonus, {**stats, **st}
     return loss, stats
 
