@@ -300,8 +300,10 @@ def alpha_fprime(log_u: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:  # f'
     return -torch.expm1(-alpha * log_u) / alpha
 
 
-F_DIVERGENCES = {"reverse_kl": reverse_kl_fprime, "forward_kl": forward_kl_fprime, "js": js_fprime,
-                 "alpha": alpha_fprime}  # name -> f'(u) as a function of log u, for FDPO's `divergence` option
+# FDPO's `divergence` option: name -> (f_alpha -> f' as a function of log u); only the alpha-divergence reads f_alpha
+F_DIVERGENCES = {"reverse_kl": lambda f_alpha: reverse_kl_fprime, "forward_kl": lambda f_alpha: forward_kl_fprime,
+                 "js": lambda f_alpha: js_fprime,
+                 "alpha": lambda f_alpha: lambda log_u: alpha_fprime(log_u, f_alpha)}
 
 
 def fdpo_loss(
@@ -311,7 +313,7 @@ def fdpo_loss(
     ref_rejected_logp: torch.Tensor,  # (B,) log pi_ref(y_l | x)
     *,
     beta: float = 0.1,  # divergence coefficient
-    f_prime=js_fprime,  # f' as a function of log u (see F_DIVERGENCES)
+    f_prime=js_fprime,  # f' as a function of log u (F_DIVERGENCES[name](f_alpha))
     weight: torch.Tensor | None = None,  # (B,) per-pair weight
     n_pairs: int | None = None,  # pairs in the whole minibatch (None: B)
 ) -> tuple[torch.Tensor, dict]:  # loss, stats
@@ -517,11 +519,8 @@ def rdpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
 def fdpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "@eq-fdpo with the divergence of run.options."
     o = run.options
-    fp = F_DIVERGENCES[o.divergence]
-    if o.divergence == "alpha":
-        fp = lambda log_u: alpha_fprime(log_u, o.f_alpha)  # noqa: E731
     _, args = _four(run, mb)
-    return fdpo_loss(*args, beta=o.beta, f_prime=fp, n_pairs=mb["n_seqs"])
+    return fdpo_loss(*args, beta=o.beta, f_prime=F_DIVERGENCES[o.divergence](o.f_alpha), n_pairs=mb["n_seqs"])
 
 
 def rpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats

@@ -19,9 +19,9 @@ from .tasks import BradleyTerryOracle, extract_answer
 from .train import Method, Run, find_checkpoint, read_state, step_seed
 
 # %% auto #0
-__all__ = ['GOLDS', 'REWARD_MODEL', 'bradley_terry_loss', 'last_index', 'RewardModel', 'score_texts', 'mean_digit', 'digit_pairs',
-           'addition_gold', 'preference_pairs', 'RMConfig', 'make_oracle', 'rm_collect', 'rm_step', 'rm_accuracy',
-           'rm_setup', 'load_reward_model', 'center_rewards', 'ensemble_reward']
+__all__ = ['GOLDS', 'REWARD_MODEL', 'ENSEMBLES', 'bradley_terry_loss', 'last_index', 'RewardModel', 'score_texts', 'mean_digit',
+           'digit_pairs', 'addition_gold', 'preference_pairs', 'RMConfig', 'make_oracle', 'rm_collect', 'rm_step',
+           'rm_accuracy', 'rm_setup', 'load_reward_model', 'center_rewards', 'ensemble_reward']
 
 # %% ../nbs/20_reward_models.ipynb #976658fa
 def bradley_terry_loss(
@@ -302,17 +302,20 @@ def center_rewards(
     return float(mean)
 
 
+# @eq-ensemble: mode -> combination of the (K, B) rewards of K reward models, given UWO's lambda (uncertainty_coef)
+ENSEMBLES = {"mean": lambda rewards, coef: rewards.mean(0),
+             "min": lambda rewards, coef: rewards.min(0).values,  # worst case (WCO)
+             "uwo": lambda rewards, coef: rewards.mean(0) - coef * rewards.var(0, correction=0)}  # uncertainty-weighted
+
+
 def ensemble_reward(
     rewards: torch.Tensor,  # (K, B) rewards of K reward models
-    mode: str = "mean",  # 'mean', 'min' (worst case, WCO) or 'uwo' (mean - coef * variance)
+    mode: str = "mean",  # a name of ENSEMBLES: 'mean', 'min' (worst case, WCO) or 'uwo' (mean - coef * variance)
     *,
     uncertainty_coef: float = 1.0,  # lambda of UWO
 ) -> torch.Tensor:  # (B,)
-    "Conservative combinations of an ensemble, @eq-ensemble."
-    if mode == "mean":
-        return rewards.mean(0)
-    if mode == "min":
-        return rewards.min(0).values
-    if mode == "uwo":
-        return rewards.mean(0) - uncertainty_coef * rewards.var(0, correction=0)
-    raise RLBookError(f"ensemble mode must be 'mean', 'min' or 'uwo', got {mode!r}")
+    "Conservative combinations of an ensemble, @eq-ensemble: ENSEMBLES[mode]."
+    if mode not in ENSEMBLES:
+        raise RLBookError(f"ensemble mode must be one of {sorted(ENSEMBLES)}, got {mode!r}")
+    return ENSEMBLES[mode](rewards, uncertainty_coef)
+
