@@ -554,19 +554,34 @@ OFFLINE_DEFAULTS = dict(model="tiny-sft", task="addition", steps=100, batch_size
 DPO = Method(name="dpo", collect=dpo_collect, loss=dpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
              options=DPOConfig(), help="DPO: logistic loss on the implicit-reward margin of offline preference pairs")
 IPO = Method(name="ipo", collect=dpo_collect, loss=ipo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-             options=DPOConfig(beta=0.1), help="IPO: squared loss pulling the log-ratio margin to 1/(2 beta)")
+             options=DPOConfig(beta=0.1), help="IPO: squared loss pulling the log-ratio margin to 1/(2 beta)",
+             option_help={"beta": "IPO's tau: the log-ratio margin is pulled to 1/(2 tau), so a smaller tau asks for a "
+                                  "larger margin"})
 CDPO = Method(name="cdpo", collect=dpo_collect, loss=cdpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-              options=DPOConfig(label_smoothing=0.1), help="conservative DPO: DPO with label smoothing")
+              options=DPOConfig(label_smoothing=0.1), help="conservative DPO: DPO with label smoothing",
+              option_help={"label_smoothing": "cDPO's epsilon: each label is trusted with probability 1 - epsilon "
+                                              "(soft target), in [0, 0.5]"})
 RDPO = Method(name="rdpo", collect=dpo_collect, loss=rdpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-              options=DPOConfig(flip_rate=0.1), help="robust DPO: loss de-biased for a known label-flip rate")
+              options=DPOConfig(flip_rate=0.1), help="robust DPO: loss de-biased for a known label-flip rate",
+              option_help={"flip_rate": "rDPO's epsilon: the known probability that a label is flipped; the loss is "
+                                        "unbiased for the clean DPO loss at that rate, in [0, 0.5)"})
 SIMPO = Method(name="simpo", collect=dpo_collect, loss=simpo_step, setup=simpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-               options=DPOConfig(beta=2.0, simpo_gamma=1.0), help="SimPO: reference-free, length-normalised, margin gamma")
+               options=DPOConfig(beta=2.0, simpo_gamma=1.0), help="SimPO: reference-free, length-normalised, margin gamma",
+               option_help={"beta": "scale of SimPO's reward beta/|y| log pi(y|x), the length-normalised log-prob "
+                                    "(no reference, so no KL coefficient)",
+                            "simpo_gamma": "SimPO's target margin gamma between the chosen and rejected rewards"})
 FDPO = Method(name="fdpo", collect=dpo_collect, loss=fdpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-              options=DPOConfig(divergence="js"), help="f-DPO: DPO with another f-divergence (JS, forward KL, alpha)")
+              options=DPOConfig(divergence="js"), help="f-DPO: DPO with another f-divergence (JS, forward KL, alpha)",
+              option_help={"divergence": f"the f-divergence in place of reverse KL: {', '.join(F_DIVERGENCES)}",
+                           "f_alpha": "alpha of divergence 'alpha', in (0, 1]"})
 RPO = Method(name="rpo", collect=dpo_collect, loss=rpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-             options=DPOConfig(rpo_alpha=1.0), help="RPO: DPO plus the NLL of the chosen answer")
+             options=DPOConfig(rpo_alpha=1.0), help="RPO: DPO plus the NLL of the chosen answer",
+             option_help={"rpo_alpha": "weight of the chosen answer's token-mean NLL added to the DPO loss"})
 KTO = Method(name="kto", collect=kto_collect, loss=kto_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
-             options=DPOConfig(), help="KTO: unpaired desirable/undesirable answers against a KL reference point")
+             options=DPOConfig(), help="KTO: unpaired desirable/undesirable answers against a KL reference point",
+             option_help={"kto_lambda_d": "KTO's lambda_D: weight of the desirable answers (each pair's chosen one)",
+                          "kto_lambda_u": "KTO's lambda_U: weight of the undesirable answers (each pair's rejected one)"})
+
 
 # %% ../nbs/30_dpo.ipynb #7f27f3f7
 @torch.no_grad()
