@@ -1,5 +1,6 @@
 """Tests of the preference-data chapter (rlbook.preference_data): the gold reward, labelling with one draw per pair,
-validation and the JSONL reader, the sampled dataset, the step's share and the encoding."""
+validation and the JSONL reader, the sampled dataset, the step's share, the encoding, and the batches that the
+chapters built on it (reward models, DPO, online DPO) collect."""
 import json
 
 import pytest
@@ -145,3 +146,32 @@ def test_pair_logprobs_matches_separate_forward(tiny):
 
 
 
+
+# ---------------------------------------------------------------- the chapters built on it collect Batch fields only
+@pytest.fixture(scope="module")
+def sft_path():
+    from rlbook.sft import warm_start
+    return str(warm_start(progress=False))
+
+
+def _consumers():
+    from rlbook.dpo import CDPO, DPO, FDPO, IPO, KTO, RDPO, RPO, SIMPO
+    from rlbook.online_dpo import HYPO, ONLINE_DPO, SPIN, XPO
+    from rlbook.reward_model import REWARD_MODEL
+    return [REWARD_MODEL, DPO, IPO, CDPO, RDPO, SIMPO, FDPO, RPO, KTO, ONLINE_DPO, XPO, SPIN, HYPO]
+
+
+@pytest.mark.parametrize("M", _consumers(), ids=lambda m: m.name)
+def test_every_collect_returns_batch_fields_only(M, sft_path, tmp_path):
+    "One name, one meaning: every key that a collect of chapters 20, 30 and 31 returns is a field of rlbook.train.Batch."
+    from dataclasses import replace
+
+    from rlbook.train import build_run
+    cfg = M.config(model=sft_path, steps=1, batch_size=8, eval_n=10, out=str(tmp_path), progress=False, device="cpu")
+    opts = replace(M.options, n_pairs=16) if hasattr(M.options, "n_pairs") else M.options
+    run = build_run(cfg, M, options=opts)
+    batch, stats = M.collect(run)
+    check_batch(batch, M.name)
+    assert all(not k.startswith("ref_") or k.endswith("_logp") for k in batch), sorted(batch)  # ref_: under the reference
+    if M.name == "xpo":
+        assert "reference_sample_input_ids" in batch
