@@ -12,23 +12,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .dpo import (DPOConfig, PreferenceTask, TaskGold, dpo_loss, dpo_setup, encode_preferences,
-                        epoch_indices, pair_logprobs)
+from .dpo import DPOConfig, dpo_loss, dpo_setup
 from .models import RLBookError
+from .preference_data import (PreferenceTask, encode_preferences, epoch_indices, gold_oracle, label_pairs,
+                                    pair_logprobs, register_examples)
 from .rollout import generate
-from .tasks import BradleyTerryOracle
-from .train import Method, Run, collect_rollouts, shard, step_seed, with_reference
+from .train import Method, Run, collect_rollouts, shard, with_reference
 
 # %% ../nbs/31_online_dpo.ipynb #3f208447
 def xpo_bonus_loss(
-    ref_sample_logp: torch.Tensor,  # (B,) log pi_theta(y~ | x) of samples y~ of the reference
+    reference_sample_logp: torch.Tensor,  # (B,) log pi_theta(y~ | x) of samples y~ of the reference (under the policy)
     *,
     alpha: float = 1e-3,  # exploration coefficient
     n_pairs: int | None = None,  # pairs in the whole minibatch (None: B)
 ) -> tuple[torch.Tensor, dict]:  # loss, stats
     "@eq-xpo's bonus: alpha times the policy's log-likelihood of reference samples (minimised)."
-    n = ref_sample_logp.shape[0] if n_pairs is None else n_pairs
-    return alpha * ref_sample_logp.sum() / n, {"xpo/ref_sample_logp": ref_sample_logp.mean().item()}
+    n = reference_sample_logp.shape[0] if n_pairs is None else n_pairs
+    return alpha * reference_sample_logp.sum() / n, {"xpo/ref_sample_logp": reference_sample_logp.mean().item()}
 
 
 def online_kl_loss(
@@ -50,20 +50,11 @@ def label_rollout_pairs(
     oracle,  # a PreferenceOracle on (prompt, completion); a TaskGold reward_fn gets the examples registered
     generator,  # torch.Generator for the labels
 ) -> tuple[list, dict]:  # B/2 records {'prompt', 'chosen', 'rejected', 'gold_chosen', 'gold_rejected'}, stats
-    "Preference records from consecutive pairs of samples, labelled by the oracle."
+    "Preference records from consecutive pairs of samples, labelled by the oracle (`label_pairs` of chapter 06)."
     if len(examples) % 2 or len(examples) != len(completions):
         raise RLBookError("label_rollout_pairs needs group_size=2: consecutive rows answering the same prompt")
-    if isinstance(getattr(oracle, "reward_fn", None), TaskGold):
-        oracle.reward_fn.register(examples[::2])
-    recs = []
-    for i in range(0, len(examples), 2):
-        x, a, b = examples[i].prompt, completions[i], completions[i + 1]
-        if not oracle.compare(x, a, b, generator):
-            a, b = b, a
-        rec = {"prompt": x, "chosen": a, "rejected": b}
-        if hasattr(oracle, "gold_reward"):
-            rec.update(gold_chosen=oracle.gold_reward(x, a), gold_rejected=oracle.gold_reward(x, b))
-        recs.append(rec)
+    register_examples(oracle, examples[::2])
+    recs = label_pairs([e.prompt for e in examples[::2]], completions[0::2], completions[1::2], oracle, generator)
     n = max(len(recs), 1)
     return recs, {"pairs/identical_frac": sum(r["chosen"] == r["rejected"] for r in recs) / n}
 
@@ -108,38 +99,34 @@ def online_dpo_collect(run: Run) -> tuple[dict, dict]:  # one row per labelled p
         raise RLBookError("online DPO samples a pair per prompt: use group_size=2 and temperature > 0")
     synced = sync_reference(run, o.ref_sync_every)
     ro, stats = collect_rollouts(run, reference=False)  # the pairs get their reference log-probs below
-    oracle = BradleyTerryOracle(reward_fn=TaskGold(run.task, partial=o.gold_partial), beta=o.oracle_beta,
-                                label_noise=o.label_noise)
+    oracle = gold_oracle(run.task, beta=o.oracle_beta, label_noise=o.label_noise, partial=o.gold_partial)
     recs, st = label_rollout_pairs(ro["examples"], ro["completions"], oracle, run.generator(salt=31))
     stats.update(st)
     stats["gold/chosen"] = sum(r["gold_chosen"] for r in recs) / len(recs)
     stats["gold/rejected"] = sum(r["gold_rejected"] for r in recs) / len(recs)
     stats["ref/synced"] = float(synced)
     names = ("chosen", "rejected")
-    if o.xpo_alpha > 0:  # one reference sample per prompt for the exploration bonus
+    if o.xpo_alpha > 0:  # one sample of the reference per prompt for the exploration bonus
         ref_ro = generate(run.ref, run.tokenizer, [r["prompt"] for r in recs], max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, generator=run.generator(salt=32))
         for r, s in zip(recs, ref_ro.completions):
-            r["ref_sample"] = s
-        names = names + ("ref_sample",)
+            r["reference_sample"] = s
+        names = names + ("reference_sample",)
     batch = encode_preferences(run.tokenizer, recs, device=run.device, extra=names[2:])
     _ref_logps(run, batch, ("chosen", "rejected"))
     return batch, stats
 
 
 def spin_collect(run: Run) -> tuple[dict, dict]:  # one row per (SFT answer, policy sample) pair
-    "SPIN: chosen = the dataset's solution, rejected = the current policy's sample (algorithm step 2)."
-    o, cfg = run.options, run.cfg
-    synced = sync_reference(run, o.ref_sync_every)
-    ex = shard(run.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, run.step), split="train"), run)
-    ro = generate(run.model, run.tokenizer, [e.prompt for e in ex], max_new_tokens=cfg.max_new_tokens,
-                  temperature=cfg.temperature, generator=run.generator())
-    recs = [{"prompt": e.prompt, "chosen": e.solution, "rejected": c} for e, c in zip(ex, ro.completions)]
+    "SPIN: chosen = the dataset's solution, rejected = the current policy's sample of collect_rollouts (algorithm step 2)."
+    synced = sync_reference(run, run.options.ref_sync_every)
+    ro, stats = collect_rollouts(run, reference=False)  # the pairs get their reference log-probs below
+    recs = [{"prompt": e.prompt, "chosen": e.solution, "rejected": c} for e, c in zip(ro["examples"], ro["completions"])]
     batch = encode_preferences(run.tokenizer, recs, device=run.device)
     _ref_logps(run, batch, ("chosen", "rejected"))
-    same = sum(r["chosen"] == r["rejected"] for r in recs) / len(recs)
-    return batch, {"pairs/identical_frac": same, "reward/mean": sum(run.task.reward(e, c) for e, c in zip(ex, ro.completions)) / len(ex),
-                   "ref/synced": float(synced)}
+    stats["pairs/identical_frac"] = sum(r["chosen"] == r["rejected"] for r in recs) / len(recs)
+    stats["ref/synced"] = float(synced)
+    return batch, stats
 
 
 def hypo_collect(run: Run) -> tuple[dict, dict]:  # offline pairs plus one policy sample per pair
@@ -159,12 +146,12 @@ def hypo_collect(run: Run) -> tuple[dict, dict]:  # offline pairs plus one polic
 def online_dpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "DPO on the step's fresh pairs, plus @eq-xpo's bonus when xpo_alpha > 0 (algorithm step 4)."
     o = run.options
-    names = ("chosen", "rejected", "ref_sample") if "ref_sample_input_ids" in mb else ("chosen", "rejected")
-    lp = pair_logprobs(run.policy, mb, names)
+    xpo = "reference_sample_input_ids" in mb
+    lp = pair_logprobs(run.policy, mb, ("chosen", "rejected", "reference_sample") if xpo else ("chosen", "rejected"))
     loss, stats = dpo_loss(lp["chosen_logp"], lp["rejected_logp"], mb["ref_chosen_logp"], mb["ref_rejected_logp"],
                            beta=o.beta, n_pairs=mb["n_seqs"])
-    if "ref_sample_logp" in lp:
-        bonus, st = xpo_bonus_loss(lp["ref_sample_logp"], alpha=o.xpo_alpha, n_pairs=mb["n_seqs"])
+    if xpo:
+        bonus, st = xpo_bonus_loss(lp["reference_sample_logp"], alpha=o.xpo_alpha, n_pairs=mb["n_seqs"])
         loss, stats = loss + bonus, {**stats, **st}
     return loss, stats
 

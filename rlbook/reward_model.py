@@ -13,14 +13,15 @@ import torch.nn.functional as F
 
 from .logprobs import position_ids_from_mask
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
+from .preference_data import label_pairs, register_examples
 from .rollout import encode_pairs, generate
 from .tasks import BradleyTerryOracle, extract_answer
 from .train import Method, Run, find_checkpoint, read_state, step_seed
 
 # %% auto #0
-__all__ = ['GOLDS', 'REWARD_MODEL', 'bradley_terry_loss', 'last_index', 'RewardModel', 'score_texts', 'mean_digit', 'digit_pairs',
-           'addition_gold', 'preference_pairs', 'RMConfig', 'make_oracle', 'rm_collect', 'rm_step', 'rm_accuracy',
-           'rm_setup', 'load_reward_model', 'center_rewards', 'ensemble_reward']
+__all__ = ['GOLDS', 'REWARD_MODEL', 'ENSEMBLES', 'bradley_terry_loss', 'last_index', 'RewardModel', 'score_texts', 'mean_digit',
+           'digit_pairs', 'addition_gold', 'preference_pairs', 'RMConfig', 'make_oracle', 'rm_collect', 'rm_step',
+           'rm_accuracy', 'rm_setup', 'load_reward_model', 'center_rewards', 'ensemble_reward']
 
 # %% ../nbs/20_reward_models.ipynb #976658fa
 def bradley_terry_loss(
@@ -31,7 +32,7 @@ def bradley_terry_loss(
     label_smoothing: float = 0.0,  # s: assume each label is flipped with probability s
     center_coef: float = 0.0,  # eta of the centring penalty eta * (r_w + r_l)^2
     n_seqs: int | None = None,  # pairs in the whole minibatch (accumulation-safe normaliser; None: sum of weights)
-) -> tuple[torch.Tensor, dict]:  # loss, stats (accuracy, margin, reward/chosen, reward/rejected)
+) -> tuple[torch.Tensor, dict]:  # loss, stats (TRL's and DPO's names: rewards/accuracy, rewards/margin, rewards/chosen, rewards/rejected)
     "@eq-bt-loss: -log sigmoid(r_w - r_l), optionally label-smoothed and with a centring penalty; weighted mean over pairs."
     w = torch.ones_like(chosen_reward) if weight is None else weight.float()
     delta = chosen_reward - rejected_reward  # (B,)
@@ -42,9 +43,10 @@ def bradley_terry_loss(
     loss = (per * w).sum() / denom
     with torch.no_grad():
         k = max(float(w.sum()), 1.0)
-        stats = {"accuracy": float(((delta > 0).float() * w).sum() / k), "margin": float((delta * w).sum() / k),
-                 "reward/chosen": float((chosen_reward * w).sum() / k),
-                 "reward/rejected": float((rejected_reward * w).sum() / k)}
+        stats = {"rewards/accuracy": float(((delta > 0).float() * w).sum() / k),
+                 "rewards/margin": float((delta * w).sum() / k),
+                 "rewards/chosen": float((chosen_reward * w).sum() / k),
+                 "rewards/rejected": float((rejected_reward * w).sum() / k)}
     return loss, stats
 
 # %% ../nbs/20_reward_models.ipynb #4f3b9fce
@@ -149,22 +151,15 @@ def preference_pairs(
     examples: list,  # Example objects (prompts)
     oracle: BradleyTerryOracle,  # the simulated annotator
     *,
-    generator: torch.Generator,  # sampling and labelling randomness
+    generator: torch.Generator,  # sampling, then labelling randomness
     max_new_tokens: int = 8,  # completion budget
     temperature: float = 1.0,  # sampling temperature of the two completions
-) -> dict:  # prompts, chosen, rejected (lists), weight, gold_chosen, gold_rejected (tensors)
-    "Two samples per prompt, labelled by the oracle; identical pairs get weight 0."
+) -> list:  # one record {'prompt', 'chosen', 'rejected', 'gold_chosen', 'gold_rejected'} per example
+    "Two samples per prompt, labelled by the oracle (`label_pairs` of chapter 06); identical pairs are kept."
+    register_examples(oracle, examples)
     ro = generate(policy, tokenizer, [e.prompt for e in examples], group_size=2, max_new_tokens=max_new_tokens,
                   temperature=temperature, generator=generator)
-    P, C, R, W, GC, GR = [], [], [], [], [], []
-    for i, e in enumerate(examples):
-        a, b = ro.completions[2 * i], ro.completions[2 * i + 1]
-        a_wins = oracle.compare(e.prompt, a, b, generator)
-        w, l = (a, b) if a_wins else (b, a)
-        P.append(e.prompt); C.append(w); R.append(l); W.append(float(a != b))
-        GC.append(oracle.gold_reward(e.prompt, w)); GR.append(oracle.gold_reward(e.prompt, l))
-    return {"prompts": P, "chosen": C, "rejected": R, "weight": torch.tensor(W),
-            "gold_chosen": torch.tensor(GC), "gold_rejected": torch.tensor(GR)}
+    return label_pairs([e.prompt for e in examples], ro.completions[0::2], ro.completions[1::2], oracle, generator)
 
 
 GOLDS = {"addition": addition_gold, "mean_digit": mean_digit}  # gold rewards of the simulated annotator
@@ -201,26 +196,26 @@ def make_oracle(o: RMConfig) -> BradleyTerryOracle:
 
 
 def rm_collect(run: Run) -> tuple[dict, dict]:  # batch (chosen/rejected encodings, weight), stats
-    "One labelled pair per prompt, written by the frozen policy and labelled by the oracle."
+    "One labelled pair per prompt, written by the frozen policy and labelled by the oracle; identical pairs weigh 0."
     o = run.options
     ex = run.task.sample(run.cfg.batch_size // run.world, seed=step_seed(run.cfg.seed, run.step, run.rank), split="train")
-    pairs = preference_pairs(run.model, run.tokenizer, ex, make_oracle(o), generator=run.generator(),
-                             max_new_tokens=run.cfg.max_new_tokens, temperature=o.pair_temperature)
-    ch = encode_pairs(run.tokenizer, pairs["prompts"], pairs["chosen"], device=run.device)
-    rj = encode_pairs(run.tokenizer, pairs["prompts"], pairs["rejected"], device=run.device)
-    w = pairs["weight"].to(run.device)
-    label_right = (pairs["gold_chosen"] >= pairs["gold_rejected"]).float()
-    batch = {"chosen_ids": ch["input_ids"], "chosen_mask": ch["attention_mask"], "rejected_ids": rj["input_ids"],
-             "rejected_mask": rj["attention_mask"], "weight": w}
-    return batch, {"pairs/distinct": w.mean().item(), "pairs/label_agrees_gold": label_right.mean().item()}
+    recs = preference_pairs(run.model, run.tokenizer, ex, make_oracle(o), generator=run.generator(),
+                            max_new_tokens=run.cfg.max_new_tokens, temperature=o.pair_temperature)
+    prompts, batch = [r["prompt"] for r in recs], {}
+    for name in ("chosen", "rejected"):  # two forward passes in rm_step: each side at its own padded width
+        enc = encode_pairs(run.tokenizer, prompts, [r[name] for r in recs], device=run.device)
+        batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = enc["input_ids"], enc["attention_mask"]
+    batch["weight"] = w = torch.tensor([float(r["chosen"] != r["rejected"]) for r in recs], device=run.device)
+    gold_c, gold_r = (torch.tensor([r[k] for r in recs]) for k in ("gold_chosen", "gold_rejected"))
+    return batch, {"pairs/distinct": w.mean().item(), "pairs/label_agrees_gold": (gold_c >= gold_r).float().mean().item()}
 
 
 def rm_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Score chosen and rejected with the RM and take the Bradley-Terry loss @eq-bt-loss."
     o = run.options
     rm = run.modules["rm"]
-    rc = rm(mb["chosen_ids"], mb["chosen_mask"])
-    rr = rm(mb["rejected_ids"], mb["rejected_mask"])
+    rc = rm(mb["chosen_input_ids"], mb["chosen_attention_mask"])
+    rr = rm(mb["rejected_input_ids"], mb["rejected_attention_mask"])
     return bradley_terry_loss(rc, rr, weight=mb["weight"], label_smoothing=o.label_smoothing,
                               center_coef=o.center_coef, n_seqs=mb["n_seqs"])
 
@@ -240,11 +235,13 @@ def rm_accuracy(
     "Pairwise accuracy of the RM against the gold reward on held-out prompts."
     oracle = BradleyTerryOracle(gold, beta=1e-3)
     ex = task.sample(n, seed=seed, split="test")
-    pairs = preference_pairs(policy, tokenizer, ex, oracle, generator=torch.Generator().manual_seed(seed),
-                             max_new_tokens=max_new_tokens)
-    keep = pairs["gold_chosen"] != pairs["gold_rejected"]
-    rc = score_texts(rm, tokenizer, pairs["prompts"], pairs["chosen"])
-    rr = score_texts(rm, tokenizer, pairs["prompts"], pairs["rejected"])
+    recs = preference_pairs(policy, tokenizer, ex, oracle, generator=torch.Generator().manual_seed(seed),
+                            max_new_tokens=max_new_tokens)
+    gold_c, gold_r = (torch.tensor([r[k] for r in recs]) for k in ("gold_chosen", "gold_rejected"))
+    keep = gold_c != gold_r
+    prompts = [r["prompt"] for r in recs]
+    rc = score_texts(rm, tokenizer, prompts, [r["chosen"] for r in recs])
+    rr = score_texts(rm, tokenizer, prompts, [r["rejected"] for r in recs])
     acc = ((rc > rr).float()[keep]).mean().item() if keep.any() else float("nan")
     return {"accuracy": acc, "n_pairs": int(keep.sum())}
 
@@ -305,17 +302,20 @@ def center_rewards(
     return float(mean)
 
 
+# @eq-ensemble: mode -> combination of the (K, B) rewards of K reward models, given UWO's lambda (uncertainty_coef)
+ENSEMBLES = {"mean": lambda rewards, coef: rewards.mean(0),
+             "min": lambda rewards, coef: rewards.min(0).values,  # worst case (WCO)
+             "uwo": lambda rewards, coef: rewards.mean(0) - coef * rewards.var(0, correction=0)}  # uncertainty-weighted
+
+
 def ensemble_reward(
     rewards: torch.Tensor,  # (K, B) rewards of K reward models
-    mode: str = "mean",  # 'mean', 'min' (worst case, WCO) or 'uwo' (mean - coef * variance)
+    mode: str = "mean",  # a name of ENSEMBLES: 'mean', 'min' (worst case, WCO) or 'uwo' (mean - coef * variance)
     *,
     uncertainty_coef: float = 1.0,  # lambda of UWO
 ) -> torch.Tensor:  # (B,)
-    "Conservative combinations of an ensemble, @eq-ensemble."
-    if mode == "mean":
-        return rewards.mean(0)
-    if mode == "min":
-        return rewards.min(0).values
-    if mode == "uwo":
-        return rewards.mean(0) - uncertainty_coef * rewards.var(0, correction=0)
-    raise RLBookError(f"ensemble mode must be 'mean', 'min' or 'uwo', got {mode!r}")
+    "Conservative combinations of an ensemble, @eq-ensemble: ENSEMBLES[mode]."
+    if mode not in ENSEMBLES:
+        raise RLBookError(f"ensemble mode must be one of {sorted(ENSEMBLES)}, got {mode!r}")
+    return ENSEMBLES[mode](rewards, uncertainty_coef)
+

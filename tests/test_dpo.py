@@ -1,19 +1,17 @@
 """Tests of the DPO chapter (rlbook.dpo): exact optima on a categorical toy, every loss against a naive loop and
-against its value at policy = reference, data validation, exact resumption, and the exercise solutions."""
-import json
+against its value at policy = reference, refused options and pairs files, exact resumption, and the exercise solutions
+(the preference data themselves: tests/test_preference_data.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rlbook.dpo import (CDPO, DPO, F_DIVERGENCES, FDPO, IPO, KTO, RDPO, RPO, SIMPO, DPOConfig, cdpo_loss, dpo_loss, encode_preferences, epoch_indices, fdpo_loss,
-                        fit_population, gold_oracle, ipo_loss, kto_loss, kto_reference_point, make_preference_pairs,
-                        pair_logprobs, pair_margin, population_pair_loss, rdpo_loss, read_pairs, rpo_loss,
-                        simpo_loss, validate_pairs)
-from rlbook.models import RLBookError, load_policy
+from rlbook.dpo import (CDPO, DPO, F_DIVERGENCES, FDPO, IPO, KTO, RDPO, RPO, SIMPO, DPOConfig, cdpo_loss, dpo_loss,
+                        fdpo_loss, fit_population, ipo_loss, kto_loss, kto_reference_point, pair_margin,
+                        population_pair_loss, rdpo_loss, rpo_loss, simpo_loss)
+from rlbook.models import RLBookError
 from rlbook.objective import optimal_policy
-from rlbook.tasks import get_task
 from rlbook.train import read_metrics, train
 
 torch.set_num_threads(1)
@@ -85,7 +83,7 @@ def test_pair_losses_against_naive_loops(beta):
     for name, fp in fps.items():
         want = sum(_sp(beta * (fp(math.exp(c[i].item() - rc[i].item())) - fp(math.exp(r[i].item() - rr[i].item()))))
                    for i in range(n)) / n
-        assert math.isclose(fdpo_loss(c, r, rc, rr, beta=beta, f_prime=F_DIVERGENCES[name])[0].item(), want, rel_tol=1e-9), name
+        assert math.isclose(fdpo_loss(c, r, rc, rr, beta=beta, f_prime=F_DIVERGENCES[name](0.5))[0].item(), want, rel_tol=1e-9), name
 
 
 def test_kto_against_naive_loop():
@@ -107,8 +105,8 @@ def test_hand_values_at_policy_equals_reference():
     for beta in (0.1, 1.0):
         for fn, kw in ((dpo_loss, {}), (cdpo_loss, {"label_smoothing": 0.3}), (rdpo_loss, {"flip_rate": 0.3})):
             assert fn(c, r, c, r, beta=beta, **kw)[0].item() == pytest.approx(math.log(2), abs=1e-12)
-        for fp in F_DIVERGENCES.values():
-            assert fdpo_loss(c, r, c, r, beta=beta, f_prime=fp)[0].item() == pytest.approx(math.log(2), abs=1e-12)
+        for make in F_DIVERGENCES.values():
+            assert fdpo_loss(c, r, c, r, beta=beta, f_prime=make(0.7))[0].item() == pytest.approx(math.log(2), abs=1e-12)
         assert ipo_loss(c, r, c, r, beta=beta)[0].item() == pytest.approx(1 / (4 * beta ** 2))
         assert rpo_loss(c, r, c, r, lc, beta=beta, alpha=0.5)[0].item() == pytest.approx(
             math.log(2) + 0.5 * (-(c / lc).mean().item()))
@@ -183,65 +181,6 @@ def test_population_loss_at_reference_is_log2_times_pair_mass():
     ref, reward, mu = _toy(7)
     L = population_pair_loss(dpo_loss, ref, ref, reward, mu, beta=0.3)[0]
     assert torch.isclose(L, math.log(2) * ((1 - (mu ** 2).sum(-1)) / 2).mean())
-
-
-# ---------------------------------------------------------------- data
-@pytest.fixture(scope="module")
-def tiny():
-    return load_policy("tiny", device="cpu")
-
-
-def test_validate_pairs_cases(tiny):
-    _, tok = tiny
-    ok = {"prompt": "1+2=", "chosen": "3", "rejected": "4"}
-    kept, st = validate_pairs([ok, dict(ok, rejected="3"), dict(ok, chosen=" "), dict(ok, prompt="1" * 127)], tok)
-    assert kept == [ok]
-    assert st == {"pairs/kept": 1, "skipped/identical": 1, "skipped/empty": 1, "skipped/too_long": 1}
-    for bad in ([{"prompt": "1", "chosen": "2"}], ["not a dict"], [dict(ok, rejected=None)], [dict(ok, chosen="4", rejected="4")]):
-        with pytest.raises(RLBookError):
-            validate_pairs(bad, tok)
-
-
-def test_read_pairs_names_bad_line(tmp_path):
-    p = tmp_path / "pairs.jsonl"
-    p.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{oops\n')
-    with pytest.raises(RLBookError, match="line 2"):
-        read_pairs(p)
-
-
-def test_make_preference_pairs_is_deterministic_and_labels_follow_gold(tiny):
-    model, tok = tiny
-    task = get_task("addition")
-    o = DPOConfig(oracle_beta=0.01)
-    a, st = make_preference_pairs(model, tok, task, gold_oracle(task, o), 20, seed=3, chunk=32)
-    b, _ = make_preference_pairs(model, tok, task, gold_oracle(task, o), 20, seed=3, chunk=32)
-    assert a == b and len(a) == 20 and st["pairs/kept"] == 20
-    assert all(p["chosen"] != p["rejected"] for p in a)
-    # with a near-deterministic annotator, the chosen answer never has a lower gold reward (ties are coin flips)
-    assert all(p["gold_chosen"] >= p["gold_rejected"] for p in a)
-    with pytest.raises(RLBookError):
-        make_preference_pairs(model, tok, task, gold_oracle(task, o), 5, seed=0, temperature=0.0)
-
-
-def test_epoch_indices_cover_each_pass():
-    idx = [i for s in range(6) for i in epoch_indices(9, 3, s, seed=1)]
-    assert sorted(idx[:9]) == list(range(9)) and sorted(idx[9:]) == list(range(9))
-
-
-def test_pair_logprobs_matches_separate_forward(tiny):
-    model, tok = tiny
-    pairs = [{"prompt": "12+34=", "chosen": "46", "rejected": "4"}, {"prompt": "9+9=", "chosen": "18", "rejected": "181"}]
-    enc = encode_preferences(tok, pairs)
-    lp = pair_logprobs(model, enc)
-    from rlbook.logprobs import completion_logprobs
-    from rlbook.rollout import encode_pairs
-    for i, p in enumerate(pairs):
-        for k in ("chosen", "rejected"):
-            e = encode_pairs(tok, [p["prompt"]], [p[k]])
-            want = (completion_logprobs(model, e["input_ids"], e["attention_mask"], e["completion_mask"].shape[1])["logp"]
-                    * e["completion_mask"]).sum()
-            assert torch.isclose(lp[f"{k}_logp"][i], want, atol=1e-5)
-            assert lp[f"{k}_len"][i].item() == len(p[k]) + 1
 
 
 # ---------------------------------------------------------------- the Methods in the loop
@@ -327,21 +266,6 @@ def test_explore_dpo_loss_sliders_and_rerender():
     c.value, r.value = -4.0, 4.0  # a wrong-way pair: negative margin, loss above log 2
     assert w.result["margin"] == -8.0 and w.result["loss"] > math.log(2)
     assert w.result["loss"] == pytest.approx(math.log1p(math.exp(0.1 * 8.0)))
-
-
-def test_read_pairs_refuses_bad_files_with_file_line_and_field(tmp_path):
-    ok = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
-    cases = {"bom.jsonl": ("\ufeff" + ok).encode(), "cp1252.jsonl": ok.encode() + b'{"prompt": "\x93x\x94"}\n',
-             "scalar.jsonl": (ok + "42\n").encode(), "null.jsonl": b'{"prompt": "1=", "chosen": null, "rejected": "3"}\n'}
-    for name, content in cases.items():
-        (tmp_path / name).write_bytes(content)
-    assert read_pairs(tmp_path / "bom.jsonl") == [json.loads(ok)]  # a UTF-8 byte-order mark is accepted
-    for name, needle in [("cp1252.jsonl", "line 2: not UTF-8"), ("scalar.jsonl", "line 2: a JSON int"),
-                         ("null.jsonl", "line 1: field 'chosen' must be a string, got NoneType"),
-                         ("absent.jsonl", "no such file"), (".", "is a folder")]:
-        with pytest.raises(RLBookError, match=needle) as err:
-            read_pairs(tmp_path / name)
-        assert "\n" not in str(err.value)
 
 
 def test_dpo_refuses_a_bad_pairs_file_and_writes_nothing(tmp_path, monkeypatch):

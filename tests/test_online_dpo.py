@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from rlbook.dpo import TaskGold, dpo_loss, fit_population
+from rlbook.dpo import dpo_loss, fit_population
 from rlbook.models import RLBookError
 from rlbook.objective import categorical_kl, optimal_policy
 from rlbook.online_dpo import (HYPO, ONLINE_DPO, SPIN, XPO, OnlineDPOConfig, label_rollout_pairs, online_kl_loss,
                                sync_reference, xpo_bonus_loss)
+from rlbook.preference_data import TaskGold
 from rlbook.tasks import BradleyTerryOracle, Example, get_task
 from rlbook.train import read_metrics, train
 

@@ -57,7 +57,7 @@ def test_bt_hand_example():
     sig = lambda z: 1 / (1 + math.exp(-z))
     assert torch.allclose(rw.grad, torch.tensor([-(1 - sig(d)) / 3 for d in (1.0, 0.0, -2.0)]), atol=1e-6)
     assert torch.allclose(rl.grad, -rw.grad)
-    assert abs(st["accuracy"] - 1 / 3) < 1e-6 and abs(st["margin"] + 1 / 3) < 1e-6
+    assert abs(st["rewards/accuracy"] - 1 / 3) < 1e-6 and abs(st["rewards/margin"] + 1 / 3) < 1e-6
 
 
 def test_bt_normaliser_and_weights():

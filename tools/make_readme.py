@@ -134,8 +134,8 @@ def chapter_map_svg() -> str:
     chain_w = len(CHAIN) * (box_w + gap) - gap
     yc = 150
     out.append(_box(x0, yc, chain_w, 40, "#e8e8e8")
-               + _text(x0 + chain_w / 2, yc + 25, "core, chapters 00–05 and 10: models, tasks, "
-                       "log-probs and KL, rollouts, the training loop, SFT, the objective"))
+               + _text(x0 + chain_w / 2, yc + 25, "core, 00–06 and 10: models, tasks, log-probs and KL, "
+                       "rollouts, training loop, SFT, preference data, objective"))
     out.append(_arrow(x0 + chain_w / 2, yc, x0 + chain_w / 2, y0 + box_h + 24, dash="3 3"))
     xr = x0 + chain_w + 18
     for j, (band, what) in enumerate((("7x", "scaling up"), ("8x", "multi-turn"))):
