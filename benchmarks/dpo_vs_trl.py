@@ -38,7 +38,8 @@ def pairs(n: int) -> list:
 
 
 def run_rlbook(name: str, steps: int) -> dict:
-    from rlbook.dpo import DPO, DPOConfig, PreferenceTask, validate_pairs
+    from rlbook.dpo import DPO, DPOConfig
+    from rlbook.preference_data import PreferenceTask, validate_pairs
     from rlbook.models import frozen_copy
     from rlbook.rollout import model_context
     from rlbook.tasks import get_task

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['plot_kl_optimum', 'explore_kl_optimum', 'clipped_surrogate_curve', 'plot_ppo_clip', 'explore_ppo_clip',
-           'preference_game_summary', 'plot_preference_game', 'explore_preference_game']
+           'dpo_loss_curve', 'plot_dpo_loss', 'explore_dpo_loss', 'preference_game_summary', 'plot_preference_game',
+           'explore_preference_game']
 
 # %% ../nbs/97_explorers.ipynb #bdba57cf
 import ipywidgets as widgets
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from IPython.display import display
 
+from .dpo import dpo_loss, pair_margin
 from .objective import categorical_kl, optimal_policy
 from .ppo import ppo_policy_loss
 from .preferences import bt_fit, bt_policy, check_preference_matrix, nash_equilibrium, preference_payoff, win_rates
@@ -157,6 +159,79 @@ def explore_ppo_clip(
         adv=widgets.FloatSlider(value=adv, min=-2.0, max=2.0, step=0.1, description="A"),
         dual_clip=widgets.Dropdown(options=[("off", 0.0), ("c = 2", 2.0), ("c = 3", 3.0)], value=0.0,
                                    description="dual clip"))
+
+# %% ../nbs/97_explorers.ipynb #c8107fec
+def dpo_loss_curve(
+    beta: float = 0.1,  # KL coefficient of @eq-dpo-loss
+    h_max: float = 40.0,  # the margin axis runs over [-h_max, h_max]
+    n: int = 401,  # grid points
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # margin h (n,), loss of one pair (n,), gradient weight -dL/dh (n,)
+    "`dpo_loss` of one pair with margin h (@eq-dpo-loss) on a grid, and -dL/dh by autograd, the weight of @eq-dpo-grad."
+    h = torch.linspace(-h_max, h_max, n, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    loss = torch.stack([dpo_loss(hi[None], zero, zero, zero, beta=beta)[0] for hi in h])  # chosen log-ratio h, rejected 0
+    hg = h.clone().requires_grad_(True)
+    total, _ = dpo_loss(hg, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                        torch.zeros(n, dtype=torch.float64), beta=beta, n_pairs=1)  # sum over independent pairs
+    grad, = torch.autograd.grad(total, hg)
+    return h, loss, -grad
+
+
+def plot_dpo_loss(
+    beta: float = 0.1,  # KL coefficient: the inverse temperature of the sigmoid
+    chosen_logratio: float = 2.0,  # log pi_theta(y_w|x) - log pi_ref(y_w|x) of the example pair
+    rejected_logratio: float = -3.0,  # log pi_theta(y_l|x) - log pi_ref(y_l|x)
+    ax=None,  # three matplotlib Axes (loss, gradient weight, implicit rewards); None: a new small figure
+):  # the matplotlib Figure
+    "The DPO loss -log sigmoid(beta h) of @eq-dpo-loss and its weight beta sigmoid(-beta h) (@eq-dpo-grad) against h; the pair's implicit rewards (@eq-implicit-reward)."
+
+    h, loss, weight = dpo_loss_curve(beta)
+    c, r, zero = (torch.tensor([v], dtype=torch.float64) for v in (chosen_logratio, rejected_logratio, 0.0))
+    h0 = pair_margin(c, r, zero, zero).item()
+    loss0, stats = dpo_loss(c, r, zero, zero, beta=beta)
+    if ax is None:
+        _, ax = plt.subplots(1, 3, figsize=(10, 3))
+    ax_l, ax_w, ax_r = ax
+    ax_l.plot(h, loss, color="C0", label="-log σ(βh)")
+    ax_l.plot(h0, loss0.item(), "o", color="k", label="the pair")
+    ax_l.set(title=f"DPO loss, β = {beta:.3g}", xlabel="margin h", ylabel="loss")
+    ax_l.legend(fontsize=8)
+    ax_w.plot(h, weight, color="C1", label="β σ(-βh)")
+    ax_w.axvline(h0, color="k", lw=0.8, ls=":")
+    ax_w.set(title="gradient weight -∂L/∂h", xlabel="margin h", ylim=(0, None))
+    ax_w.legend(fontsize=8)
+    names = ["chosen", "rejected"]
+    vals = [stats["rewards/chosen"], stats["rewards/rejected"]]
+    ax_r.bar(names, vals, color=["C2", "C3"])
+    ax_r.axhline(0, color="k", lw=0.5)
+    ax_r.set(title=f"implicit rewards β log π/π_ref (margin {stats['rewards/margin']:.2f})", ylabel="reward")
+    ax_r.title.set_fontsize(9)
+    ax_l.figure.tight_layout()
+    return ax_l.figure
+
+
+def explore_dpo_loss(
+    beta: float = 0.1,  # initial beta
+    chosen_logratio: float = 2.0,  # initial log-ratio of the chosen answer
+    rejected_logratio: float = -3.0,  # initial log-ratio of the rejected answer
+):  # ipywidgets.interactive: a log-scale beta slider (0.01 to 1), two log-ratio sliders in [-10, 10]; .result holds the last stats
+    "Move beta in @eq-dpo-loss: it sets the scale of margins h at which a pair stops mattering (@eq-dpo-grad)."
+    def show(beta, chosen_logratio, rejected_logratio):
+        fig = plot_dpo_loss(beta, chosen_logratio, rejected_logratio)
+        display(fig)
+        plt.close(fig)
+        c, r, zero = (torch.tensor([v], dtype=torch.float64) for v in (chosen_logratio, rejected_logratio, 0.0))
+        loss, stats = dpo_loss(c, r, zero, zero, beta=beta)
+        out = {"beta": beta, "margin": pair_margin(c, r, zero, zero).item(), "loss": loss.item(),
+               "rewards/chosen": stats["rewards/chosen"], "rewards/rejected": stats["rewards/rejected"]}
+        print(", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+        return out
+
+    return widgets.interactive(
+        show,
+        beta=widgets.FloatLogSlider(value=beta, base=10, min=-2, max=0, step=0.05, description="β"),
+        chosen_logratio=widgets.FloatSlider(value=chosen_logratio, min=-10, max=10, step=0.5, description="log-ratio y_w"),
+        rejected_logratio=widgets.FloatSlider(value=rejected_logratio, min=-10, max=10, step=0.5, description="log-ratio y_l"))
 
 # %% ../nbs/97_explorers.ipynb #e74872a0
 def preference_game_summary(

@@ -28,7 +28,7 @@ def xpo_bonus_loss(
 ) -> tuple[torch.Tensor, dict]:  # loss, stats
     "@eq-xpo's bonus: alpha times the policy's log-likelihood of reference samples (minimised)."
     n = reference_sample_logp.shape[0] if n_pairs is None else n_pairs
-    return alpha * reference_sample_logp.sum() / n, {"xpo/ref_sample_logp": reference_sample_logp.mean().item()}
+    return alpha * reference_sample_logp.sum() / n, {"xpo/reference_sample_logp": reference_sample_logp.mean().item()}
 
 
 def online_kl_loss(

@@ -18,7 +18,7 @@ from .logprobs import kl_k1, kl_k3, masked_whiten, position_ids_from_mask, token
 from .models import RLBookError, ValueHead, frozen_copy
 from .ppo import gae_advantages, ppo_policy_loss, token_rewards, value_loss
 from .reinforce import pg_collect, pg_step
-from .reward_model import GOLDS, RewardModel, ensemble_reward, load_reward_model
+from .reward_model import ENSEMBLES, GOLDS, RewardModel, ensemble_reward, load_reward_model
 from .train import Method, Run, find_checkpoint
 
 # %% auto #0
@@ -55,8 +55,8 @@ def check_ppo_options(o: PPOConfig) -> None:
     "RLBookError for a bad switch."
     if o.critic_init not in CRITIC_INITS:
         raise RLBookError(f"critic_init must be one of {sorted(CRITIC_INITS)}, got {o.critic_init!r}")
-    if o.ensemble not in ("mean", "min", "uwo"):
-        raise RLBookError(f"ensemble must be 'mean', 'min' or 'uwo', got {o.ensemble!r}")
+    if o.ensemble not in ENSEMBLES:
+        raise RLBookError(f"ensemble must be one of {sorted(ENSEMBLES)}, got {o.ensemble!r}")
     bad = [need for need, ok in (
         ("beta >= 0", o.beta >= 0), ("clip_eps > 0", o.clip_eps > 0), ("vf_clip >= 0", o.vf_clip >= 0),
         ("0 <= lam <= 1", 0 <= o.lam <= 1), ("0 <= gamma <= 1", 0 <= o.gamma <= 1),

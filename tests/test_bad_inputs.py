@@ -114,7 +114,7 @@ TRAIN = [
     (["--method", "ppo", "--clip-eps", "0"], "--clip-eps > 0"),
     (["--method", "ppo", "--lam", "1.5"], "0 <= --lam <= 1"),
     (["--method", "ppo", "--critic-init", "value"], "--critic-init must be one of ['policy', 'reward'], got 'value'"),
-    (["--method", "ppo", "--ensemble", "max"], "--ensemble must be 'mean', 'min' or 'uwo'"),
+    (["--method", "ppo", "--ensemble", "max"], "--ensemble must be one of ['mean', 'min', 'uwo'], got 'max'"),
     (["--method", "ppo", "--critic-init", "reward"], "--critic-init='reward' needs a --reward-model"),
     (["--method", "ppo", "--reward-model", "{D}/no_such_run"], "--reward-model {D}/no_such_run is not a folder"),
     (["--method", "ppo", "--reward-model", "{D}/empty"], "--reward-model {D}/empty holds no usable checkpoint"),

@@ -111,7 +111,8 @@ def test_first_word_names_the_method_as_method_does():
 
 def test_option_help_is_used_when_set_and_the_field_comment_otherwise(monkeypatch):
     ipo, ppo = METHODS["ipo"], METHODS["ppo"]
-    assert entry(split("ipo")[1], "--beta")[1].startswith(cli.field_help(type(ipo.options))["beta"])
+    assert entry(split("ipo")[1], "--beta")[1].startswith(ipo.option_help["beta"])  # the chapter's own line for IPO
+    assert entry(split("dpo")[1], "--beta")[1].startswith(cli.field_help(type(ipo.options))["beta"])  # none for DPO
     monkeypatch.setitem(METHODS, "ipo", dataclasses.replace(ipo, option_help={
         "beta": "IPO: tau, the margin's scale 1/(2 tau)", "batch_size": "preference pairs per step"}))
     monkeypatch.setitem(METHODS, "ppo", dataclasses.replace(ppo, option_help={"clip_eps": "PPO's epsilon"}))

@@ -237,37 +237,6 @@ def test_offline_collect_without_setup_is_a_clear_error(sft_path, tmp_path):
         train(cfg, dataclasses.replace(DPO, setup=None), options=DPOConfig())
 
 
-# ---------------------------------------------------------------- the explorer of the DPO loss
-def test_plot_dpo_loss_draws_eq_dpo_loss_and_grad():
-    import matplotlib.pyplot as plt
-
-    from rlbook.dpo import plot_dpo_loss
-    for beta, c, r in ((0.05, 1.0, -1.0), (0.5, -2.0, 3.0)):
-        fig = plot_dpo_loss(beta, c, r)
-        ax_l, ax_w, ax_r = fig.axes
-        h, loss, weight = ax_l.lines[0].get_xdata(), ax_l.lines[0].get_ydata(), ax_w.lines[0].get_ydata()
-        for i in range(0, len(h), 20):
-            assert loss[i] == pytest.approx(math.log1p(math.exp(-beta * h[i])), abs=1e-9)
-            assert weight[i] == pytest.approx(beta / (1 + math.exp(beta * h[i])), abs=1e-12)
-        assert ax_l.lines[1].get_xdata()[0] == pytest.approx(c - r)
-        heights = [b.get_height() for b in ax_r.containers[0]]
-        assert heights == pytest.approx([beta * c, beta * r])
-        plt.close(fig)
-
-
-def test_explore_dpo_loss_sliders_and_rerender():
-    import ipywidgets
-
-    from rlbook.dpo import explore_dpo_loss
-    w = explore_dpo_loss()
-    beta, c, r = w.children[:3]
-    assert isinstance(beta, ipywidgets.FloatLogSlider) and (beta.base, beta.min, beta.max) == (10, -2, 0)
-    assert (c.min, c.max, r.min, r.max) == (-10, 10, -10, 10)
-    c.value, r.value = -4.0, 4.0  # a wrong-way pair: negative margin, loss above log 2
-    assert w.result["margin"] == -8.0 and w.result["loss"] > math.log(2)
-    assert w.result["loss"] == pytest.approx(math.log1p(math.exp(0.1 * 8.0)))
-
-
 def test_dpo_refuses_a_bad_pairs_file_and_writes_nothing(tmp_path, monkeypatch):
     import rlbook.dpo as dpo
     from rlbook.train import TrainConfig

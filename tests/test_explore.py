@@ -1,12 +1,14 @@
 """Tests of the explorers (rlbook.explore, chapter 97): each figure read back against the chapter's own functions,
 each explorer's sliders moved in Python. tests/test_widgets_live.py moves them once more in a browser."""
+import math
+
 import ipywidgets
 import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from rlbook.explore import (explore_kl_optimum, explore_ppo_clip, explore_preference_game, plot_kl_optimum,
-                            plot_ppo_clip, plot_preference_game)
+from rlbook.explore import (explore_dpo_loss, explore_kl_optimum, explore_ppo_clip, explore_preference_game,
+                            plot_dpo_loss, plot_kl_optimum, plot_ppo_clip, plot_preference_game)
 from rlbook.objective import categorical_kl, optimal_policy
 from rlbook.preferences import bt_fit, bt_policy, duality_gap, preference_payoff, random_intransitive_game
 
@@ -107,3 +109,28 @@ def test_explore_preference_game_sliders_and_rerender():
     assert torch.allclose(P + P.T, torch.ones(3, 3, dtype=torch.float64)) and P[1, 2] == 0.3
     assert w.result["pi_nash"].argmax() == 2 and w.result["r_hat"].argmax() == 2
     assert w.result["win/bt_vs_nash"] == pytest.approx(preference_payoff(w.result["pi_bt"], w.result["pi_nash"], P).item())
+
+
+# ---------------------------------------------------------------- the explorer of the DPO loss
+def test_plot_dpo_loss_draws_eq_dpo_loss_and_grad():
+    for beta, c, r in ((0.05, 1.0, -1.0), (0.5, -2.0, 3.0)):
+        fig = plot_dpo_loss(beta, c, r)
+        ax_l, ax_w, ax_r = fig.axes
+        h, loss, weight = ax_l.lines[0].get_xdata(), ax_l.lines[0].get_ydata(), ax_w.lines[0].get_ydata()
+        for i in range(0, len(h), 20):
+            assert loss[i] == pytest.approx(math.log1p(math.exp(-beta * h[i])), abs=1e-9)
+            assert weight[i] == pytest.approx(beta / (1 + math.exp(beta * h[i])), abs=1e-12)
+        assert ax_l.lines[1].get_xdata()[0] == pytest.approx(c - r)
+        heights = [b.get_height() for b in ax_r.containers[0]]
+        assert heights == pytest.approx([beta * c, beta * r])
+        plt.close(fig)
+
+
+def test_explore_dpo_loss_sliders_and_rerender():
+    w = explore_dpo_loss()
+    beta, c, r = w.children[:3]
+    assert isinstance(beta, ipywidgets.FloatLogSlider) and (beta.base, beta.min, beta.max) == (10, -2, 0)
+    assert (c.min, c.max, r.min, r.max) == (-10, 10, -10, 10)
+    c.value, r.value = -4.0, 4.0  # a wrong-way pair: negative margin, loss above log 2
+    assert w.result["margin"] == -8.0 and w.result["loss"] > math.log(2)
+    assert w.result["loss"] == pytest.approx(math.log1p(math.exp(0.1 * 8.0)))

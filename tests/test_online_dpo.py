@@ -54,7 +54,7 @@ def test_xpo_bonus_naive_and_gradient():
     assert loss.item() == pytest.approx(0.2 * (-1.0 - 2.5 - 0.3) / 6)
     loss.backward()
     assert torch.allclose(x.grad, torch.full((3,), 0.2 / 6, dtype=torch.float64))
-    assert st["xpo/ref_sample_logp"] == pytest.approx(-3.8 / 3)
+    assert st["xpo/reference_sample_logp"] == pytest.approx(-3.8 / 3)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -137,7 +137,7 @@ def test_methods_run(M, sft_path, tmp_path):
     if M is SPIN:
         assert [r["ref/synced"] for r in rows] == [0.0, 0.0, 1.0]
     if M is XPO:
-        assert "xpo/ref_sample_logp" in rows[0]
+        assert "xpo/reference_sample_logp" in rows[0]
     if M is HYPO:
         assert rows[0]["kl/seq"] == pytest.approx(0.0, abs=1e-4)
 
