@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
-           'check_split', 'Task', 'checked_reward', 'extract_answer', 'answers_match', 'NumericTask', 'Addition',
-           'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown', 'StringTask',
-           'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'register_task',
+           'check_split', 'Task', 'checked_reward', 'extract_answer', 'answers_match', 'NumericTask', 'TwoOperands',
+           'Addition', 'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown',
+           'StringTask', 'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'register_task',
            'PreferenceOracle', 'BradleyTerryOracle', 'length_class', 'CyclicOracle', 'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
@@ -225,45 +225,52 @@ def _operand(rng: random.Random, min_digits: int, max_digits: int) -> tuple:
 
 
 @dataclass
-class Addition(NumericTask):
-    "Add two integers: prompt `'23+456='`, answer and solution `'479'`."
+class TwoOperands(NumericTask):
+    "Two random integers and an operation: prompt `'a<op>b='`, answer and solution the result; `meta` holds the digit counts."
 
     min_digits: int = 2  # fewest digits of an operand (>= 1)
     max_digits: int = 3  # most digits of an operand
-
-    name = "addition"
+    symbol = "?"  # the operation's sign in the prompt
 
     def __post_init__(self):
-        _check_digits("Addition", self.min_digits, self.max_digits)
+        _check_digits(type(self).__name__, self.min_digits, self.max_digits)
+
+    def apply(self, a: int, b: int) -> int:  # the operation
+        raise NotImplementedError
 
     def make_example(
         self,
         rng: random.Random,  # the random stream
     ) -> Example:
-        "Draw one addition problem."
+        "Draw one problem: each operand's digit count, then the operand."
         (a, da), (b, db) = _operand(rng, self.min_digits, self.max_digits), _operand(rng, self.min_digits, self.max_digits)
-        return Example(prompt=f"{a}+{b}=", answer=str(a + b), solution=str(a + b), meta=(("digits", (da, db)),))
+        result = str(self.apply(a, b))
+        return Example(prompt=f"{a}{self.symbol}{b}=", answer=result, solution=result, meta=(("digits", (da, db)),))
 
 
 @dataclass
-class Multiplication(NumericTask):
+class Addition(TwoOperands):
+    "Add two integers: prompt `'23+456='`, answer and solution `'479'`."
+
+    name = "addition"
+    symbol = "+"
+
+    def apply(self, a: int, b: int) -> int:
+        return a + b
+
+
+@dataclass
+class Multiplication(TwoOperands):
     "Multiply two integers: prompt `'7*12='`, answer and solution `'84'`."
 
     min_digits: int = 1  # fewest digits of an operand (>= 1)
     max_digits: int = 2  # most digits of an operand
 
     name = "multiplication"
+    symbol = "*"
 
-    def __post_init__(self):
-        _check_digits("Multiplication", self.min_digits, self.max_digits)
-
-    def make_example(
-        self,
-        rng: random.Random,  # the random stream
-    ) -> Example:
-        "Draw one multiplication problem."
-        (a, da), (b, db) = _operand(rng, self.min_digits, self.max_digits), _operand(rng, self.min_digits, self.max_digits)
-        return Example(prompt=f"{a}*{b}=", answer=str(a * b), solution=str(a * b), meta=(("digits", (da, db)),))
+    def apply(self, a: int, b: int) -> int:
+        return a * b
 
 # %% ../nbs/01_tasks.ipynb #f3a1c7e3
 @dataclass
@@ -425,21 +432,26 @@ def _random_string(rng: random.Random, min_len: int, max_len: int, alphabet: str
 
 @dataclass
 class StringTask(Task):
-    "A task on a random string: its knobs, their checks, exact-match grading; `make_example` says what to do with it."
+    "A random string and a transformation: prompt `'<word> abcde='`, answer and solution the transformed string."
 
     min_len: int = 3  # shortest string (>= 1)
     max_len: int = 8  # longest string
     alphabet: str = string.ascii_lowercase  # characters to draw from (printable ASCII, no whitespace or '=')
+    word = "?"  # the prompt's word for the transformation
 
     def __post_init__(self):
         _check_string_knobs(type(self).__name__, self.min_len, self.max_len, self.alphabet)
 
-    def draw(
+    def transform(self, s: str) -> str:  # the transformation
+        raise NotImplementedError
+
+    def make_example(
         self,
         rng: random.Random,  # the random stream
-    ) -> str:  # a string of min_len to max_len characters of the alphabet
-        "One random string."
-        return _random_string(rng, self.min_len, self.max_len, self.alphabet)
+    ) -> Example:
+        "Draw one string of min_len to max_len characters of the alphabet."
+        s = _random_string(rng, self.min_len, self.max_len, self.alphabet)
+        return Example(prompt=f"{self.word} {s}=", answer=self.transform(s), solution=self.transform(s))
 
     def is_correct(
         self,
@@ -455,14 +467,10 @@ class Reverse(StringTask):
     "Reverse a string: prompt `'rev abcde='`, answer and solution `'edcba'`."
 
     name = "reverse"
+    word = "rev"
 
-    def make_example(
-        self,
-        rng: random.Random,  # the random stream
-    ) -> Example:
-        "Draw one string to reverse."
-        s = self.draw(rng)
-        return Example(prompt=f"rev {s}=", answer=s[::-1], solution=s[::-1])
+    def transform(self, s: str) -> str:
+        return s[::-1]
 
 
 @dataclass
@@ -470,14 +478,10 @@ class Sort(StringTask):
     "Sort the characters of a string: prompt `'sort dbca='`, answer and solution `'abcd'`."
 
     name = "sort"
+    word = "sort"
 
-    def make_example(
-        self,
-        rng: random.Random,  # the random stream
-    ) -> Example:
-        "Draw one string to sort."
-        s = self.draw(rng)
-        return Example(prompt=f"sort {s}=", answer="".join(sorted(s)), solution="".join(sorted(s)))
+    def transform(self, s: str) -> str:
+        return "".join(sorted(s))
 
 
 # %% ../nbs/01_tasks.ipynb #3160f57f
