@@ -4,11 +4,10 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'DEFAULT_METHOD', 'WARM_START_NAMES', 'ALIAS', 'CLIPPED', 'TRL_AGGREGATIONS', 'TRL_OWN_LOSSES',
-           'TRL_PREFERENCE_LOSSES', 'PREFERENCE', 'ALIASES', 'field_help', 'option_owners', 'meaning', 'resolve_model',
-           'ArgumentParser', 'DefaultsFormatter', 'build_parser', 'flag', 'in_flags', 'validate_options',
-           'check_task_name', 'train_method', 'train_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose', 'cmd_exercises',
-           'main', 'Alias', 'option_fields', 'updates_per_step', 'alias_owners', 'settings_of', 'TrainHelpFormatter',
-           'train_help']
+           'TRL_PREFERENCE_LOSSES', 'PREFERENCE', 'ALIASES', 'field_help', 'option_owners', 'meaning', 'ArgumentParser',
+           'DefaultsFormatter', 'build_parser', 'flag', 'in_flags', 'validate_options', 'check_task_name',
+           'train_method', 'train_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose', 'cmd_exercises', 'main', 'Alias',
+           'option_fields', 'updates_per_step', 'alias_owners', 'settings_of', 'TrainHelpFormatter', 'train_help']
 
 # %% ../nbs/99_cli.ipynb #636152b9
 import argparse
@@ -36,9 +35,9 @@ from .reinforce import REINFORCE, REINFORCE_PP, REMAX, RLOO
 from .reward_model import REWARD_MODEL
 from .rlhf import PPO
 from .rollout import evaluate
-from .sft import SFT, TASK_WARM_STARTS, sloppy_warm_start, warm_start
+from .sft import SFT
 from .tasks import TASKS, get_task
-from .train import TrainConfig, check_config, diagnose, read_metrics, train
+from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, read_metrics, resolve_model, train
 
 # %% ../nbs/99_cli.ipynb #b555a175
 METHODS = {m.name: m for m in (
@@ -83,18 +82,7 @@ def meaning(method, name: str) -> str:  # one line: what the setting `name` does
     return h
 
 
-WARM_START_NAMES = ("tiny-sft", "tiny-sft-sloppy")  # model names resolve_model builds (and caches) on first use
-
-
-def resolve_model(name: str, task: str, progress: bool = True) -> str:  # a name load_policy understands
-    "'tiny-sft' (on the task) and 'tiny-sft-sloppy' are the cached SFT warm starts of chapter `sft`; others pass through."
-    if name == "tiny-sft-sloppy":
-        return str(sloppy_warm_start(progress=progress))
-    if name != "tiny-sft":
-        return name
-    if task in TASK_WARM_STARTS:  # a chapter's own recipe for its task
-        return str(TASK_WARM_STARTS[task](progress=progress))
-    return str(warm_start(task=task, progress=progress))
+WARM_START_NAMES = tuple(MODEL_NAMES)  # model names train builds (and caches) on first use: chapter sft's warm starts
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -24,6 +24,7 @@ from .models import RLBookError, frozen_copy
 from .preference_data import (PreferenceTask, TaskGold, encode_preferences, epoch_indices, gold_oracle,
                                     make_preference_pairs, pair_logprobs, read_pairs, validate_pairs)
 from .rollout import evaluate, generate, model_context
+from .sft import WARM_START_MODEL
 from .train import Method, Run, shard, write_atomic
 
 # %% ../nbs/30_dpo.ipynb #94feae76
@@ -470,7 +471,7 @@ def kto_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
                     n_seqs=2 * mb["n_seqs"])
 
 
-OFFLINE_DEFAULTS = dict(model="tiny-sft", task="addition", steps=100, batch_size=32, lr=1e-5, max_new_tokens=8,
+OFFLINE_DEFAULTS = dict(model=WARM_START_MODEL, task="addition", steps=100, batch_size=32, lr=1e-5, max_new_tokens=8,
                         eval_every=25, eval_n=200)  # batch_size counts pairs
 
 DPO = Method(name="dpo", collect=dpo_collect, loss=dpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),

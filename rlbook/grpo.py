@@ -19,6 +19,7 @@ from .logprobs import AGGREGATIONS, KL_ESTIMATORS, kl_k1, kl_k3, seq_mean, token
 from .models import RLBookError
 from .ppo import clipped_surrogate, surrogate_stats, token_ratio
 from .reinforce import kl_penalised_reward, pg_collect, pg_step
+from .sft import SLOPPY_MODEL, WARM_START_MODEL
 from .train import Method, Run, with_reference
 
 # %% ../nbs/40_grpo.ipynb #bb45ad7f
@@ -295,10 +296,10 @@ def nft_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  
 
 # %% ../nbs/40_grpo.ipynb #a816f976
 # the main job (`rlbook train` on its defaults): 64 prompts x 8 completions a step from the sloppy-teacher warm start
-RL_DEFAULTS = dict(model="tiny-sft-sloppy", task="addition", batch_size=512, group_size=8, lr=3e-4, steps=100,
+RL_DEFAULTS = dict(model=SLOPPY_MODEL, task="addition", batch_size=512, group_size=8, lr=3e-4, steps=100,
                    max_new_tokens=8, temperature=1.0, eval_every=25, eval_n=500)
 # the chapter's first recipe, 8 prompts a step from the clean warm start ("When RL does not learn"; chapters 41, 51, 60)
-SMALL_RECIPE = dict(model="tiny-sft", batch_size=64, lr=1e-4, steps=200, eval_n=200)
+SMALL_RECIPE = dict(model=WARM_START_MODEL, batch_size=64, lr=1e-4, steps=200, eval_n=200)
 
 GRPO = Method(
     name="grpo", collect=partial(pg_collect, shaping=(overlong_shaping, kl_reward_shaping), advantage=group_advantage,

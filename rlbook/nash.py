@@ -22,6 +22,7 @@ from .preferences import duality_gap, kl_categorical, mirror_prox_logits, nash_e
 from .rollout import generate
 from .tasks import CyclicOracle, preference_matrix
 from .reinforce import pg_step
+from .sft import WARM_START_MODEL
 from .train import Method, Run, collect_rollouts, with_reference
 
 # %% ../nbs/51_nash.ipynb #eca8f3a3
@@ -395,7 +396,7 @@ def nash_md_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict
                            (mb["seq_logp_old"] - mb["ref_seq_logp"]).flatten(), beta=run.options.beta, weight=w)
 
 
-_DEFAULTS = dict(model="tiny-sft", steps=40, batch_size=64, group_size=4, lr=3e-4, max_new_tokens=8, eval_every=0, eval_n=100)
+_DEFAULTS = dict(model=WARM_START_MODEL, steps=40, batch_size=64, group_size=4, lr=3e-4, max_new_tokens=8, eval_every=0, eval_n=100)
 NASH_MD = Method(name="nash_md", collect=partial(preference_collect, preferences=mixture_preferences),
                  loss=partial(pg_step, objective=nash_md_objective), options=NashMDConfig(), defaults=_DEFAULTS,
                  setup=with_reference,

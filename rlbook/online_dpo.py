@@ -17,6 +17,7 @@ from .models import RLBookError
 from .preference_data import (PreferenceTask, encode_preferences, epoch_indices, gold_oracle, label_pairs,
                                     pair_logprobs, register_examples)
 from .rollout import generate
+from .sft import WARM_START_MODEL
 from .train import Method, Run, collect_rollouts, shard, with_reference
 
 # %% ../nbs/31_online_dpo.ipynb #3f208447
@@ -166,7 +167,7 @@ def hypo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     return loss + kl, {**stats, **st}
 
 
-ONLINE_DEFAULTS = dict(model="tiny-sft", task="addition", steps=100, batch_size=64, group_size=2, lr=1e-5,
+ONLINE_DEFAULTS = dict(model=WARM_START_MODEL, task="addition", steps=100, batch_size=64, group_size=2, lr=1e-5,
                        max_new_tokens=8, temperature=1.0, eval_every=25, eval_n=200)  # 32 pairs per step
 
 ONLINE_DPO = Method(name="online_dpo", collect=online_dpo_collect, loss=online_dpo_step, setup=with_reference,

@@ -21,6 +21,7 @@ from .logprobs import (AGGREGATIONS, KL_ESTIMATORS, completion_logprobs, last_to
                              token_mean)
 from .models import RLBookError
 from .rollout import generate
+from .sft import SLOPPY_MODEL
 from .tasks import Addition, Example, register_task
 from .train import Method, Run, TrainConfig, build_run, collect_rollouts, score, with_reference
 
@@ -386,7 +387,7 @@ def pg_objective(
 # %% ../nbs/11_reinforce.ipynb #9ee2ca99
 # chapter grpo's main-job recipe: 64 prompts x 8 completions a step from the sloppy-teacher warm start (chapter sft)
 PG_DEFAULTS = dict(steps=100, batch_size=512, group_size=8, lr=3e-4, max_new_tokens=8, eval_every=25, eval_n=500,
-                   model="tiny-sft-sloppy")
+                   model=SLOPPY_MODEL)
 
 REINFORCE = Method(
     name="reinforce", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=reinforce_adv)),

@@ -15,6 +15,7 @@ from .logprobs import position_ids_from_mask
 from .models import RLBookError, ValueHead, frozen_copy, load_policy
 from .preference_data import label_pairs, register_examples
 from .rollout import encode_pairs, generate
+from .sft import WARM_START_MODEL
 from .tasks import BradleyTerryOracle, extract_answer
 from .train import Method, Run, find_checkpoint, read_state, step_seed
 
@@ -283,7 +284,7 @@ def load_reward_model(
 
 REWARD_MODEL = Method(
     name="rm", collect=rm_collect, loss=rm_step, setup=rm_setup, options=RMConfig(),
-    defaults=dict(model="tiny-sft", task="addition", steps=100, batch_size=64, lr=1e-3, max_new_tokens=8,
+    defaults=dict(model=WARM_START_MODEL, task="addition", steps=100, batch_size=64, lr=1e-3, max_new_tokens=8,
                   eval_every=50, eval_n=200),
     help="train a Bradley-Terry reward model on pairs of the policy's samples labelled by a simulated annotator")
 

@@ -19,6 +19,7 @@ from .models import RLBookError, ValueHead, frozen_copy
 from .ppo import gae_advantages, ppo_policy_loss, token_rewards, value_loss
 from .reinforce import pg_collect, pg_step
 from .reward_model import ENSEMBLES, GOLDS, RewardModel, ensemble_reward, load_reward_model
+from .sft import WARM_START_MODEL
 from .train import Method, Run, find_checkpoint
 
 # %% auto #0
@@ -199,7 +200,7 @@ def ppo_objective(
     return loss, {**stats, **vstats, "loss/policy": pl.item(), "loss/value": vl.item()}
 
 # %% ../nbs/21_rlhf.ipynb #1533b222
-PPO_DEFAULTS = dict(model="tiny-sft", task="addition", steps=100, batch_size=64, group_size=1, epochs=2,
+PPO_DEFAULTS = dict(model=WARM_START_MODEL, task="addition", steps=100, batch_size=64, group_size=1, epochs=2,
                     minibatch_size=32, lr=5e-5, max_new_tokens=8, temperature=1.0, eval_every=25, eval_n=200)
 
 PPO = Method(

@@ -74,3 +74,18 @@ def test_setup_places_its_models_on_the_runs_device_and_dtype(name, reward_model
     if name == "ppo":
         assert run.modules["rms"][0].value_head.head.weight.dtype == torch.float32  # the RM's head keeps its dtype
         assert isinstance(run.ref, PreTrainedModel) and not any(p.requires_grad for p in run.ref.parameters())
+
+
+def test_python_api_builds_the_warm_start_a_default_names(tmp_path):
+    "`train(GRPO.config(), GRPO)` in a fresh process, with nothing but rlbook.grpo imported: 'tiny-sft-sloppy' resolves."
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    code = ("from rlbook.grpo import GRPO\nfrom rlbook.train import train\n"
+            f"train(GRPO.config(steps=1, batch_size=8, eval_n=4, out={str(out)!r}, progress=False, device='cpu'), GRPO)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model"] == "tiny-sft-sloppy"  # the name, as the user gave it
+    assert (out / "checkpoint" / "model" / "config.json").exists()
