@@ -67,7 +67,7 @@ def check_ppo_options(o: PPOConfig) -> None:
         raise RLBookError("PPO options out of range: need " + "; ".join(bad))
     if o.gold and o.gold not in GOLDS:
         raise RLBookError(f"gold must be '' or one of {sorted(GOLDS)}, got {o.gold!r}")
-    if o.critic_init == "reward" and not o.reward_model:
+    if CRITIC_INITS[o.critic_init] is critic_from_first_reward_model and not o.reward_model:
         raise RLBookError("critic_init='reward' needs a reward_model")
     for p in (p.strip() for p in o.reward_model.split(",") if p.strip()):  # before any model is built
         if not Path(p).is_dir():

@@ -44,7 +44,7 @@ def sft_collect(run: Run) -> tuple[dict, dict]:  # batch in rollout layout, no s
 def sft_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "Forward pass on a micro-batch and the SFT loss."
     logp = completion_logprobs(run.policy, mb["input_ids"], mb["attention_mask"], mb["completion_mask"].shape[1])["logp"]
-    return sft_loss(logp, mb["completion_mask"], n_tokens=mb.get("n_tokens"))
+    return sft_loss(logp, mb["completion_mask"], n_tokens=mb["n_tokens"])
 
 
 SFT = Method(
