@@ -20,9 +20,12 @@ from .tasks import checked_reward
 def exponential_race(
     probs: torch.Tensor,  # (B, V) probabilities (rows need not be normalised; zeros are never drawn)
     generator: torch.Generator | None = None,  # for reproducible sampling
+    noise: torch.Tensor | None = None,  # (B, V) Exp(1) draws to use instead of drawing them here
 ) -> torch.Tensor:  # (B,) one token per row, drawn with probability probs / probs.sum(-1)
     "argmax_v p_v / E_v with E_v ~ Exp(1): the draw of `torch.multinomial(probs, 1)`, without its input checks."
-    return probs.div(torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return probs.div(noise).argmax(-1)
 
 
 def sample_token(
@@ -30,6 +33,7 @@ def sample_token(
     temperature: float = 1.0,  # 0 = greedy
     top_p: float = 1.0,  # nucleus mass kept, in (0, 1]
     generator: torch.Generator | None = None,  # for reproducible sampling
+    noise: torch.Tensor | None = None,  # (B, V) Exp(1) draws for the race (default: drawn from generator)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # token (B,), log pi_tau(token) (B,) under the untruncated tempered distribution
     "Draw one token per row; return it with its log-probability under softmax(logits / temperature)."
     logp_all = (logits / (temperature if temperature > 0 else 1.0)).log_softmax(-1)  # (B, V)
@@ -42,7 +46,7 @@ def sample_token(
             drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already reaches p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        tok = exponential_race(probs, generator)
+        tok = exponential_race(probs, generator, noise)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 
 # %% ../nbs/03_rollout.ipynb #84e51a38
@@ -131,6 +135,14 @@ def check_sampling(
         raise RLBookError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def _drop_rows(past, keep: torch.Tensor) -> bool:
+    "Keep only rows `keep` of a KV cache, in place; False (nothing done) for a cache that cannot select rows."
+    if not hasattr(past, "batch_select_indices"):
+        return False
+    past.batch_select_indices(keep)
+    return True
+
+
 @torch.no_grad()
 def generate(
     model,  # a transformers causal LM (the policy)
@@ -161,31 +173,44 @@ def generate(
     model.eval()
     attn = prompt_mask.clone()
     pos = position_ids_from_mask(attn)
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     past, last_pos = out.past_key_values, pos[:, -1:]
-    logits = out.logits[:, -1].float()  # (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    toks, logps, masks = [], [], []
+    logits = out.logits[:, -1].float()  # (B, V); after the first step only the live rows are current
+    V = logits.shape[-1]
+    toks = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)  # finished rows keep padding
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    masks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    live = torch.arange(B, device=device)  # rows still running
+    cached = live  # rows in the KV cache, in its order: finished rows leave it when the cache can drop rows
     for t in range(max_new_tokens):
-        tok, lp = sample_token(logits, temperature, top_p, generator=generator)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)  # finished rows receive padding
-        masks.append(~done)  # this token counts if the row was still running (EOS itself counts)
-        toks.append(tok)
-        logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | (tok == eos)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        run = slice(None) if len(live) == B else live  # the running rows (a plain slice while no row has ended: cheaper)
+        # B x V exponentials every step, whoever has finished: a row's tokens do not depend on when the others end
+        noise = (torch.empty(B, V, device=device).exponential_(1, generator=generator)[run] if temperature > 0
+                 else None)
+        tok, lp = sample_token(logits[run], temperature, top_p, generator=generator, noise=noise)
+        toks[run, t], logps[run, t], masks[run, t] = tok, lp, 1  # EOS itself counts
+        if bool((tok == eos).any()):
+            live = live[tok != eos]
+        if len(live) == 0 or t == max_new_tokens - 1:
             break
-        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
+        if len(live) < len(cached):
+            keep = torch.isin(cached, live).nonzero().squeeze(-1)
+            if _drop_rows(past, keep):  # no more work for finished rows
+                cached, attn, last_pos = cached[keep], attn[keep], last_pos[keep]
+        attn = torch.cat([attn, torch.ones(len(cached), 1, dtype=attn.dtype, device=device)], 1)
         last_pos = last_pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=last_pos,
+        out = model(input_ids=toks[cached, t, None], attention_mask=attn, position_ids=last_pos,
                     past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+        past = out.past_key_values
+        logits[cached] = out.logits[:, -1].float()
     model.train(was_training)
-    completion_ids = torch.stack(toks, 1)  # (B, T)
-    completion_mask = torch.stack(masks, 1).long()  # (B, T)
+    T = t + 1
+    truncated = torch.zeros(B, dtype=torch.bool, device=device)
+    truncated[live] = True  # still running after max_new_tokens: no EOS
+    completion_ids, completion_mask = toks[:, :T], masks[:, :T]  # (B, T)
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, logp=torch.stack(logps, 1), truncated=~done,
+        completion_mask=completion_mask, logp=logps[:, :T], truncated=truncated,
         prompts=rows, completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
         group_size=group_size, temperature=temperature)
 
