@@ -14,6 +14,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+PRECISION_ENV = "RLBOOK_BENCH_PRECISION"  # how the parent tells its children the precision of --precision
+
+
+def precision() -> str:
+    "'fp32', or 'bf16': bf16 autocast over fp32 weights on both sides (accelerate's mixed precision; TRL's bf16=True)."
+    return os.environ.get(PRECISION_ENV, "fp32")
 
 
 def build_model(name: str):
@@ -183,6 +189,8 @@ def arguments(doc: str, default_steps: str, threads: int = 2):
     ap.add_argument("--steps", type=int, default=0, help=f"optimizer steps per run (default: {default_steps})")
     ap.add_argument("--reps", type=int, default=2, help="runs of each side, alternating (A B A B)")
     ap.add_argument("--threads", type=int, default=threads, help="torch / OpenMP threads per side")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32, or bf16 autocast over fp32 weights on both sides (written to *_bf16.csv)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -208,6 +216,7 @@ def start(doc: str, default_steps: str, threads: int, runners: dict):
         torch.set_num_threads(int(n))
         print("RESULT " + json.dumps(runners[which](name, int(steps))), flush=True)
         return None
+    os.environ[PRECISION_ENV] = a.precision  # the children inherit it
     version = trl_version()
     return None if version is None else (a, version)
 
@@ -220,12 +229,13 @@ def compare(script: str, benchmark: str, a, version: str, steps_of, extra_fields
         steps = a.steps or steps_of(name)
         res = alternate(script, ("rlbook", "trl"), lambda s: (s, name, steps, a.threads), a.reps, a.threads)
         st = stamp()
-        append_csv(f"{benchmark}_vs_trl", [
+        append_csv(f"{benchmark}_vs_trl" + ("" if a.precision == "fp32" else f"_{a.precision}"), [
             {**st, "benchmark": benchmark, "model": name, "side": s, "rep": i + 1, "steps": steps, "threads": a.threads,
              "trl": version, "s_per_step": round(r["s_per_step"], 4), "peak_rss_mb": round(r["peak_rss_mb"]),
              **{k: round(r[k], 2) for k in extra_fields}} for s in res for i, r in enumerate(res[s])])
         report(name, res, steps, st["load1"], extra)
-        after(name)
+        if a.precision == "fp32":  # the roofline is drawn against the fp32 matmul peak
+            after(name)
 
 
 def report(name: str, res: dict, steps: int, load1: float, extra=lambda rs: "") -> None:

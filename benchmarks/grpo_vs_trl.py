@@ -1,7 +1,8 @@
 """rlbook's GRPO against TRL's GRPOTrainer at equal work, on the CPU.
 
 Same model, same prompts (addition), 8 prompts x 4 completions x up to 32 new tokens per step, one optimizer
-step per batch, fp32, beta = 0 (no reference model), sequence-mean ("grpo") loss, no gradient checkpointing,
+step per batch, fp32 (or --precision bf16: bf16 autocast over fp32 weights on both sides, figures written to
+*_bf16.csv, no roofline), beta = 0 (no reference model), sequence-mean ("grpo") loss, no gradient checkpointing,
 2 threads. Each side runs in its own process (its peak RSS is its own), and the sides alternate (A B A B) so
 that drift on a shared machine hits both. Prints s/step (median of the repetitions' medians, with their
 range), peak RSS and the ratios, then a roofline line for rlbook's step; appends every repetition to
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (append_csv, build_model, compare, peak_rss_mb, print_roofline, roofline, run_child, start,  # noqa: E402
-                    stamp, step_times)
+from common import (append_csv, build_model, compare, peak_rss_mb, precision, print_roofline, roofline,  # noqa: E402
+                    run_child, start, stamp, step_times)
 
 PROMPTS, GROUP, NEW_TOKENS, THREADS = 8, 4, 32, 2
 
@@ -37,7 +38,8 @@ def run_rlbook(name: str, steps: int) -> dict:
     model, tok = build_model(name)
     out = tempfile.mkdtemp()
     cfg = GRPO.config(model=name, steps=steps, batch_size=PROMPTS * GROUP, group_size=GROUP, lr=1e-6,
-                      max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu")
+                      max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu",
+                      mixed_precision="bf16" if precision() == "bf16" else "no")
     train(cfg, GRPO, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0),
           evaluate_fn=lambda run: {})
     rows = [r for r in read_metrics(f"{out}/metrics.jsonl") if "reward/mean" in r]
@@ -67,7 +69,7 @@ def run_trl(name: str, steps: int) -> dict:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=NEW_TOKENS,
         max_steps=steps, learning_rate=1e-6, beta=0.0, loss_type="grpo", scale_rewards="group", temperature=1.0,
-        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        use_cpu=True, bf16=precision() == "bf16", gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, dataloader_num_workers=0, log_completions=False, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])
@@ -92,7 +94,7 @@ def main() -> int:
         return 0
     a, version = started
     print(f"rlbook GRPO vs TRL {version} GRPOTrainer: {PROMPTS} prompts x {GROUP} completions x "
-          f"{NEW_TOKENS} new tokens, 1 optimizer step per batch, fp32, beta=0, {a.threads} threads, {a.reps} "
+          f"{NEW_TOKENS} new tokens, 1 optimizer step per batch, {a.precision}, beta=0, {a.threads} threads, {a.reps} "
           f"alternating runs per side; load average before: {os.getloadavg()[0]:.1f}", flush=True)
 
     def roofline_of(name: str) -> None:  # rlbook's step against the machine, in a process of its own

@@ -48,3 +48,16 @@ def test_without_trl_the_benchmarks_say_so_and_exit_0(script):
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "TRL is not installed" in p.stdout
+
+
+def test_precision_reaches_the_children_through_the_environment(monkeypatch):
+    monkeypatch.setenv(common.PRECISION_ENV, "fp32")  # recorded, so the variable start() sets is undone after the test
+    monkeypatch.delenv(common.PRECISION_ENV)
+    assert common.precision() == "fp32"
+    monkeypatch.setattr(sys, "argv", ["grpo_vs_trl.py", "--precision", "bf16", "--models", "tiny"])
+    monkeypatch.setattr(common, "trl_version", lambda: "x")
+    a, _ = common.start("doc", "12", 2, {})
+    assert a.precision == "bf16" and common.precision() == "bf16"  # run_child copies os.environ
+    monkeypatch.setattr(sys, "argv", ["grpo_vs_trl.py", "--precision", "fp16"])
+    with pytest.raises(SystemExit):
+        common.arguments("doc", "12")
