@@ -1,8 +1,9 @@
 """rlbook's DPO against TRL's DPOTrainer at equal work, on the CPU.
 
 Same model, same preference pairs (addition prompts; chosen = a sentence with the right sum, rejected = one
-with a wrong sum), 16 pairs per optimizer step, fp32 (or --precision bf16, as in grpo_vs_trl.py), beta = 0.1, sigmoid loss, a frozen reference whose
-log-probs are computed every step (no precomputation), no gradient checkpointing, 2 threads. Each side runs
+with a wrong sum), 16 pairs per optimizer step, fp32 (or --precision bf16, as in grpo_vs_trl.py), beta = 0.1,
+sigmoid loss, a frozen reference whose log-probs are computed every step (no precomputation), no gradient
+checkpointing, 2 threads. Each side runs
 in its own process and the sides alternate (A B A B). Prints s/step (median of the repetitions' medians, with
 their range), peak RSS and the ratios; appends every repetition to benchmarks/results/dpo_vs_trl.csv with
 the load average.
