@@ -451,7 +451,8 @@ class StringTask(Task):
     ) -> Example:
         "Draw one string of min_len to max_len characters of the alphabet."
         s = _random_string(rng, self.min_len, self.max_len, self.alphabet)
-        return Example(prompt=f"{self.word} {s}=", answer=self.transform(s), solution=self.transform(s))
+        t = self.transform(s)
+        return Example(prompt=f"{self.word} {s}=", answer=t, solution=t)
 
     def is_correct(
         self,
