@@ -14,7 +14,7 @@ import torch
 
 from .logprobs import position_ids_from_mask
 from .models import RLBookError
-from .tasks import checked_reward
+from .tasks import checked_rewards
 
 # %% ../nbs/03_rollout.ipynb #4c3b09e5
 def exponential_race(
@@ -263,6 +263,7 @@ def evaluate(
         if not _is_int(v) or v < 1:
             raise RLBookError(f"evaluate: {name} must be a positive integer, got {v!r}")
     check_sampling([""], max_new_tokens=max_new_tokens, temperature=temperature)
+    task = task.with_tokenizer(tokenizer) if hasattr(task, "with_tokenizer") else task  # a chat template (chapter `data`)
     examples = task.sample(n, seed=seed, split=split)
     g = torch.Generator().manual_seed(seed)
     correct, rewards, lens, trunc = [], [], [], []
@@ -271,7 +272,7 @@ def evaluate(
         ro = generate(model, tokenizer, [e.prompt for e in ex], max_new_tokens=max_new_tokens,
                       temperature=temperature, generator=g)
         correct += [task.is_correct(e, c) for e, c in zip(ex, ro.completions)]
-        rewards += [checked_reward(task, e, c) for e, c in zip(ex, ro.completions)]
+        rewards += checked_rewards(task, ex, ro.completions)
         lens += ro.lengths.tolist()
         trunc += ro.truncated.tolist()
     k = max(len(correct), 1)

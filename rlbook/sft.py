@@ -38,6 +38,9 @@ def sft_loss(
 def sft_collect(run: Run) -> tuple[dict, dict]:  # batch in rollout layout, no statistics
     "This process's share of the step's worked examples, encoded as prompt | solution + EOS."
     ex = shard(run.task.sample(run.cfg.batch_size, seed=step_seed(run.cfg.seed, run.step), split="train"), run)
+    if any(not e.solution for e in ex):
+        raise RLBookError(f"SFT learns worked solutions, and the task {getattr(run.task, 'name', '?')!r} has an example "
+                          "without one (a dataset of your own needs a 'completion' column)")
     return encode_pairs(run.tokenizer, [e.prompt for e in ex], [e.solution for e in ex], device=run.device), {}
 
 

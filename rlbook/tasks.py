@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
-           'check_split', 'Task', 'checked_reward', 'extract_answer', 'answers_match', 'NumericTask', 'TwoOperands',
-           'Addition', 'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers', 'Countdown',
-           'StringTask', 'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task', 'register_task',
-           'PreferenceOracle', 'BradleyTerryOracle', 'length_class', 'CyclicOracle', 'preference_matrix']
+           'check_split', 'Task', 'checked_reward', 'checked_rewards', 'extract_answer', 'answers_match', 'NumericTask',
+           'TwoOperands', 'Addition', 'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers',
+           'Countdown', 'StringTask', 'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task',
+           'register_task', 'PreferenceOracle', 'BradleyTerryOracle', 'length_class', 'CyclicOracle',
+           'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
 import ast
@@ -121,6 +122,13 @@ class Task:
             raise RLBookError(f"got {len(examples)} examples but {len(completions)} completions")
         return [self.reward(e, c) for e, c in zip(examples, completions)]
 
+    def with_tokenizer(
+        self,
+        tokenizer,  # the policy's tokenizer
+    ) -> "Task":  # the task whose prompts this tokenizer reads
+        "The task as this policy sees it: itself, unless its prompts need the tokenizer (a chat template, chapter `data`)."
+        return self
+
 # %% ../nbs/01_tasks.ipynb #02bd972f
 def checked_reward(
     task,  # anything with reward(example, completion), e.g. a Task
@@ -133,6 +141,10 @@ def checked_reward(
         r = task.reward(example, completion)
     except Exception as e:  # a user-supplied reward function failed
         raise RLBookError(f"the reward function raised {type(e).__name__}: {e} {where}") from e
+    return _real_reward(r, where)
+
+
+def _real_reward(r, where: str) -> float:  # r as a finite Python float; RLBookError saying where otherwise
     if isinstance(r, torch.Tensor) and r.numel() == 1 and not (r.is_complex() or r.dtype == torch.bool):
         value = r.item()
     elif isinstance(r, (numbers.Real, np.bool_)):
@@ -145,6 +157,33 @@ def checked_reward(
     if not math.isfinite(value):
         raise RLBookError(f"the reward function returned {value} {where}; a reward must be finite")
     return value
+
+
+def checked_rewards(
+    task,  # a Task (or anything with reward(example, completion))
+    examples: list,  # B problems
+    completions: list,  # B completions, aligned with `examples`
+) -> list:  # B finite Python floats
+    "Every reward of a batch: one `task.rewards` call where the task overrides it (a batched reward function), else `checked_reward` per completion; each value checked as there."
+    if len(examples) != len(completions):
+        raise RLBookError(f"got {len(examples)} examples but {len(completions)} completions")
+    if getattr(type(task), "rewards", Task.rewards) is Task.rewards:
+        return [checked_reward(task, e, c) for e, c in zip(examples, completions)]
+    try:
+        rs = task.rewards(examples, completions)
+    except RLBookError:
+        raise
+    except Exception as e:  # a user-supplied reward function failed
+        first = f" (the first prompt {examples[0].prompt!r})" if examples else ""
+        raise RLBookError(f"the reward function raised {type(e).__name__}: {e} on a batch of {len(examples)} "
+                          f"completions{first}") from e
+    if isinstance(rs, torch.Tensor) and rs.dim() == 1:
+        rs = rs.tolist()
+    if not isinstance(rs, (list, tuple)) or len(rs) != len(examples):
+        shown = f"{type(rs).__name__} of length {len(rs)}" if isinstance(rs, (list, tuple)) else type(rs).__name__
+        raise RLBookError(f"the task's rewards returned a {shown} for {len(examples)} completions; "
+                          "it must return one number per completion")
+    return [_real_reward(r, f"on prompt {e.prompt!r} with completion {c!r}") for r, e, c in zip(rs, examples, completions)]
 
 # %% ../nbs/01_tasks.ipynb #e8b294a6
 # A number: optional minus (not when it follows a digit, letter or ")", so "3-2" is 3 and 2),

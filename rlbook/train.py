@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 from .logprobs import completion_logprobs, token_mean
 from .models import RLBookError, frozen_copy, load_policy, seed_everything
 from .rollout import evaluate, generate
-from .tasks import checked_reward, get_task
+from .tasks import checked_rewards, get_task
 
 # %% ../nbs/04_train.ipynb #9edfd289
 @dataclass
@@ -290,8 +290,8 @@ def score(
     examples: list,  # one Example per completion
     completions: list,  # completion strings
 ) -> torch.Tensor:  # (B,) float32 rewards
-    "Rewards of completions through `checked_reward` (chapter 01): the same clear error as in evaluation."
-    return torch.tensor([checked_reward(task, ex, c) for ex, c in zip(examples, completions)],
+    "Rewards of completions through `checked_rewards` (chapter 01): the same clear error as in evaluation."
+    return torch.tensor(checked_rewards(task, examples, completions),
                         dtype=torch.float32)
 
 
@@ -1106,6 +1106,8 @@ def train(
     if policy is None:
         policy, tokenizer = load_policy(model, device=accelerator.device, seed=cfg.seed)
     task = get_task(cfg.task) if task is None else task
+    if hasattr(task, "with_tokenizer"):  # a Task whose prompts need the policy's chat template (chapter `data`)
+        task = task.with_tokenizer(tokenizer)
     out = Path(cfg.out)
     created = not out.exists()
     if accelerator.is_main_process:
@@ -1157,7 +1159,10 @@ def build_run(
     options = method.options if options is None else options
     if policy is None:
         policy, tokenizer = load_policy(resolve_model(cfg.model, cfg.task, cfg.progress), device=cfg.device, seed=cfg.seed)
-    run = Run(cfg=cfg, policy=policy, tokenizer=tokenizer, task=get_task(cfg.task) if task is None else task,
+    task = get_task(cfg.task) if task is None else task
+    if hasattr(task, "with_tokenizer"):
+        task = task.with_tokenizer(tokenizer)
+    run = Run(cfg=cfg, policy=policy, tokenizer=tokenizer, task=task,
               accelerator=Accelerator(cpu=(cfg.device == "cpu")), options=options)
     setup_run(method, run)
     return run
