@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+OPTIM = "adamw_torch_fused"  # both sides' optimizer: TRL's default (transformers with torch >= 2.8), rlbook's --optim
 PRECISION_ENV = "RLBOOK_BENCH_PRECISION"  # how the parent tells its children the precision of --precision
 
 

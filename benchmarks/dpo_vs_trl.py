@@ -1,12 +1,12 @@
 """rlbook's DPO against TRL's DPOTrainer at equal work, on the CPU.
 
-Same model, same preference pairs (addition prompts; chosen = a sentence with the right sum, rejected = one
-with a wrong sum), 16 pairs per optimizer step, fp32 (or --precision bf16, as in grpo_vs_trl.py), beta = 0.1,
-sigmoid loss, a frozen reference whose log-probs are computed every step (no precomputation), no gradient
-checkpointing, 2 threads. Each side runs
-in its own process and the sides alternate (A B A B). Prints s/step (median of the repetitions' medians, with
-their range), peak RSS and the ratios; appends every repetition to benchmarks/results/dpo_vs_trl.csv with
-the load average.
+Same model, same preference pairs (addition prompts; chosen = a sentence with the right sum, rejected = one with
+a wrong sum), 16 pairs per optimizer step, fp32 (or --precision bf16, as in grpo_vs_trl.py), beta = 0.1, sigmoid
+loss, a frozen reference whose log-probs are computed every step (no precomputation), no gradient checkpointing,
+AdamW as one fused kernel on both sides (TRL's default optimizer; rlbook's --optim adamw_torch_fused), 2
+threads. Each side runs in its own process and the sides alternate (A B A B). Prints s/step (median of the
+repetitions' medians, with their range), peak RSS and the ratios; appends every repetition to
+benchmarks/results/dpo_vs_trl.csv with the load average.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/dpo_vs_trl.py                 # tiny GPT-2 and SmolLM2-135M
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/dpo_vs_trl.py --models tiny  # the tiny model only
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, compare, peak_rss_mb, precision, start, step_times  # noqa: E402
+from common import OPTIM, build_model, compare, peak_rss_mb, precision, start, step_times  # noqa: E402
 
 PAIRS, THREADS, BETA = 16, 2, 0.1
 
@@ -49,7 +49,7 @@ def run_rlbook(name: str, steps: int) -> dict:
     out = Path(tempfile.mkdtemp())
     ref = frozen_copy(model)
     recs, st = validate_pairs(pairs(PAIRS * (steps + 2)), tok, context=model_context(ref))
-    cfg = DPO.config(model=name, steps=steps, batch_size=PAIRS, lr=1e-6, out=str(out), progress=False,
+    cfg = DPO.config(model=name, steps=steps, batch_size=PAIRS, lr=1e-6, out=str(out), progress=False, optim=OPTIM,
                      device="cpu", mixed_precision="bf16" if precision() == "bf16" else "no")
     data = PreferenceTask(get_task("addition"), recs, st)  # these pairs instead of sampled ones, and the reference
     method = dataclasses.replace(DPO, setup=lambda run: {"ref": ref, "task": data})
@@ -78,7 +78,7 @@ def run_trl(name: str, steps: int) -> dict:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=1e-6, beta=BETA, loss_type="sigmoid", precompute_ref_log_probs=False,
         use_cpu=True, bf16=precision() == "bf16", gradient_checkpointing=False, report_to="none", save_strategy="no",
-        logging_steps=1, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+        optim=OPTIM, logging_steps=1, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
                          callbacks=[Clock()])
     t0 = time.time()

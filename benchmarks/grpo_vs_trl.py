@@ -3,9 +3,10 @@
 Same model, same prompts (addition), 8 prompts x 4 completions x up to 32 new tokens per step, one optimizer
 step per batch, fp32 (or --precision bf16: bf16 autocast over fp32 weights on both sides, figures written to
 *_bf16.csv, no roofline), beta = 0 (no reference model), sequence-mean ("grpo") loss, no gradient checkpointing,
-2 threads. Each side runs in its own process (its peak RSS is its own), and the sides alternate (A B A B) so
-that drift on a shared machine hits both. Prints s/step (median of the repetitions' medians, with their
-range), peak RSS and the ratios, then a roofline line for rlbook's step; appends every repetition to
+AdamW as one fused kernel on both sides (TRL's default optimizer; rlbook's --optim adamw_torch_fused), 2
+threads. Each side runs in its own process (its peak RSS is its own), and the sides alternate (A B A B) so that
+drift on a shared machine hits both. Prints s/step (median of the repetitions' medians, with their range), peak
+RSS and the ratios, then a roofline line for rlbook's step; appends every repetition to
 benchmarks/results/grpo_vs_trl.csv with the load average (the roofline to roofline.csv).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/grpo_vs_trl.py                 # tiny GPT-2 and SmolLM2-135M
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (append_csv, build_model, compare, peak_rss_mb, precision, print_roofline, roofline,  # noqa: E402
-                    run_child, start, stamp, step_times)
+from common import (OPTIM, append_csv, build_model, compare, peak_rss_mb, precision, print_roofline,  # noqa: E402
+                    roofline, run_child, start, stamp, step_times)
 
 PROMPTS, GROUP, NEW_TOKENS, THREADS = 8, 4, 32, 2
 
@@ -38,7 +39,7 @@ def run_rlbook(name: str, steps: int) -> dict:
     model, tok = build_model(name)
     out = tempfile.mkdtemp()
     cfg = GRPO.config(model=name, steps=steps, batch_size=PROMPTS * GROUP, group_size=GROUP, lr=1e-6,
-                      max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu",
+                      max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu", optim=OPTIM,
                       mixed_precision="bf16" if precision() == "bf16" else "no")
     train(cfg, GRPO, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0),
           evaluate_fn=lambda run: {})
@@ -70,7 +71,7 @@ def run_trl(name: str, steps: int) -> dict:
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=NEW_TOKENS,
         max_steps=steps, learning_rate=1e-6, beta=0.0, loss_type="grpo", scale_rewards="group", temperature=1.0,
         use_cpu=True, bf16=precision() == "bf16", gradient_checkpointing=False, report_to="none", save_strategy="no",
-        logging_steps=1, dataloader_num_workers=0, log_completions=False, disable_tqdm=True, seed=0)
+        optim=OPTIM, logging_steps=1, dataloader_num_workers=0, log_completions=False, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()])
     t0 = time.time()

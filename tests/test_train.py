@@ -81,3 +81,29 @@ def test_a_plot_after_training_in_one_kernel_is_shown(tmp_path):
         kinds = [o.get("output_type") for o in cell.outputs]
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), (cell.source, kinds, cell.outputs)
     assert sum("image/png" in o.get("data", {}) for o in nb.cells[2].outputs) == 1  # shown once, not twice
+
+
+
+def test_fused_adamw_is_the_same_update_up_to_rounding(tmp_path):
+    "--optim adamw_torch_fused (TRL's default optimizer) trains the same model as PyTorch's per-tensor AdamW."
+    from rlbook.models import load_policy
+    from rlbook.sft import SFT
+    from rlbook.train import train
+    runs = {}
+    for optim in ("adamw_torch", "adamw_torch_fused"):
+        cfg = SFT.config(steps=5, batch_size=16, eval_every=0, eval_n=10, lr=1e-3, weight_decay=0.01,
+                         optim=optim, out=str(tmp_path / optim), progress=False)
+        runs[optim] = dict(train(cfg, SFT).policy.named_parameters())
+    init = dict(load_policy("tiny", seed=0)[0].named_parameters())
+    a, b = runs["adamw_torch"], runs["adamw_torch_fused"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - init[k]).abs().max().item() for k in a)
+    assert moved > 1e-4 and worst < moved / 100, (moved, worst)  # five real updates, equal up to float rounding
+
+
+def test_shipped_warm_starts_keep_their_names():
+    "A new TrainConfig setting must not rename the shipped warm starts (a rename rebuilds them: minutes of SFT)."
+    from rlbook.sft import SLOPPY_WARM_START, WARM_START, shipped_root, warm_start_name
+    from rlbook.train import TrainConfig
+    for recipe in (WARM_START, SLOPPY_WARM_START):
+        assert (shipped_root() / warm_start_name(TrainConfig(**recipe)) / "model" / "config.json").exists(), recipe
