@@ -21,8 +21,8 @@ from .train import Method, Run, find_checkpoint, read_state, step_seed
 
 # %% auto #0
 __all__ = ['GOLDS', 'REWARD_MODEL', 'ENSEMBLES', 'bradley_terry_loss', 'last_index', 'RewardModel', 'score_texts', 'mean_digit',
-           'digit_pairs', 'addition_gold', 'preference_pairs', 'RMConfig', 'make_oracle', 'rm_collect', 'rm_step',
-           'rm_accuracy', 'rm_setup', 'load_reward_model', 'center_rewards', 'ensemble_reward']
+           'peaked_digit', 'digit_pairs', 'addition_gold', 'preference_pairs', 'RMConfig', 'make_oracle', 'rm_collect',
+           'rm_step', 'rm_accuracy', 'rm_setup', 'load_reward_model', 'center_rewards', 'ensemble_reward']
 
 # %% ../nbs/20_reward_models.ipynb #976658fa
 def bradley_terry_loss(
@@ -110,6 +110,17 @@ def mean_digit(
     return sum(ds) / len(ds) if ds else 0.0
 
 
+def peaked_digit(
+    prompt: str,  # ignored
+    completion: str,  # a string of digits
+    peak: float = 6.0,  # the mean digit the annotator likes best
+    slope: float = 3.0,  # how fast the reward falls beyond the peak
+) -> float:  # the mean digit m up to the peak, peak - slope * (m - peak) beyond it
+    "A gold that turns: large digits are better, up to a mean of `peak`; answers of nearly all nines are penalised."
+    m = mean_digit(prompt, completion)
+    return m if m <= peak else peak - slope * (m - peak)
+
+
 def digit_pairs(
     n: int,  # number of pairs
     seed: int,  # sampling seed
@@ -163,13 +174,13 @@ def preference_pairs(
     return label_pairs([e.prompt for e in examples], ro.completions[0::2], ro.completions[1::2], oracle, generator)
 
 
-GOLDS = {"addition": addition_gold, "mean_digit": mean_digit}  # gold rewards of the simulated annotator
+GOLDS = {"addition": addition_gold, "mean_digit": mean_digit, "peaked_digit": peaked_digit}  # gold rewards of the simulated annotator
 
 # %% ../nbs/20_reward_models.ipynb #95ccafc8
 @dataclass
 class RMConfig:
     "Reward-model training: the simulated annotator and the loss."
-    gold: str = "mean_digit"  # the annotator's hidden reward: 'addition' (partial credit) or 'mean_digit' (digit sum / length)
+    gold: str = "mean_digit"  # the annotator's hidden reward, a name of GOLDS: 'addition', 'mean_digit' or 'peaked_digit'
     label_noise: float = 0.0  # probability that the annotator's label is flipped
     oracle_beta: float = 0.05  # annotator temperature: P(a > b) = sigmoid((r*(a) - r*(b)) / oracle_beta)
     label_smoothing: float = 0.0  # conservative BT loss (assumed flip rate)

@@ -115,6 +115,20 @@ def test_gold_rewards():
     assert mean_digit("", "1234") == 2.5
 
 
+def test_peaked_digit_is_the_mean_digit_up_to_its_peak_then_falls():
+    from rlbook.reward_model import GOLDS, peaked_digit
+    assert GOLDS["peaked_digit"] is peaked_digit
+    for c in ("", "0", "1234", "57", "66", "3579"):  # mean digit <= 6: the mean digit itself
+        assert peaked_digit("", c) == mean_digit("", c)
+    assert peaked_digit("", "99") == pytest.approx(6 - 3 * 3) and peaked_digit("", "78") == pytest.approx(6 - 3 * 1.5)
+    assert peaked_digit("", "99", peak=9.0) == 9.0 and peaked_digit("", "89", peak=8.0, slope=1.0) == pytest.approx(7.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # naive transcription on random digit strings: slope 1 up to the peak, -slope beyond
+        c = "".join(str(int(d)) for d in torch.randint(0, 10, (int(torch.randint(1, 6, (), generator=g)),), generator=g))
+        m = sum(int(d) for d in c) / len(c)
+        assert peaked_digit("", c) == pytest.approx(m if m <= 6 else 6 - 3 * (m - 6))
+
+
 def test_reward_model_learns_known_reward_on_toy():
     "Noise-free pairs of digit strings, gold = mean digit: held-out accuracy >= 0.9 on pairs at least 0.5 apart."
     torch.manual_seed(0)
