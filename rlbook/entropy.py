@@ -225,12 +225,13 @@ def sample_pass_at_k(
     ks: tuple = (1, 4, 16),  # the k values reported
     max_new_tokens: int = 8,  # generation budget
     temperature: float = 1.0,  # sampling temperature
-    seed: int = 0,  # which problems, and the sampling noise
+    seed: int = 0,  # which problems (and the sampling noise, unless sample_seed is given)
+    sample_seed: int | None = None,  # the sampling noise alone: same problems, other samples (None: seed)
     prompts_per_call: int = 25,  # prompts per generate() call (x n_samples rows)
 ) -> dict:  # {'pass@k': mean over problems} for each k
-    "Mean unbiased pass@k over held-out problems, n_samples completions each at the given temperature."
+    "Mean unbiased pass@k over held-out problems (fixed by seed), n_samples completions each at the given temperature."
     examples = task.sample(n_problems, seed=seed, split="test")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
     counts = []
     for i in range(0, n_problems, prompts_per_call):
         ex = examples[i: i + prompts_per_call]

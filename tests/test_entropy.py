@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from rlbook.entropy import (ENTROPY_CONTROLS, GRPO_ENTROPY, EntropyConfig, band_coef, check_entropy_options,
                             clip_cov_mask, entropy_bonus_loss, entropy_change_cov, entropy_contributions,
                             entropy_gradient, entropy_objective, fit_entropy_law, high_entropy_mask, kl_cov_loss,
-                            kl_cov_mask, pass_at_k, pg_logit_change, stop_gradient, token_covariance)
+                            kl_cov_mask, pass_at_k, pg_logit_change, sample_pass_at_k, stop_gradient,
+                            token_covariance)
 from rlbook.grpo import grpo_loss
 from rlbook.logprobs import completion_logprobs, token_entropy
 from rlbook.models import RLBookError, load_policy
@@ -261,6 +262,25 @@ def test_pass_at_k_naive_and_unbiased():
     for bad in ((4, 1, 0), (4, 1, 5), (4, 5, 1)):
         with pytest.raises(RLBookError):
             pass_at_k(*bad)
+
+
+def test_sample_pass_at_k_problems_fixed_by_seed():
+    "seed picks the problems, sample_seed only the sampling noise; greedy pass@k is the greedy accuracy on them."
+    from rlbook.sft import warm_start
+    from rlbook.tasks import get_task
+    model, tok = load_policy(str(warm_start(progress=False)), device="cpu", seed=0)
+    task = get_task("addition")
+    kw = dict(n_problems=12, n_samples=3, ks=(1, 3), prompts_per_call=5)
+    # default sample_seed is seed
+    assert sample_pass_at_k(model, tok, task, seed=4, **kw) == sample_pass_at_k(model, tok, task, seed=4, sample_seed=4, **kw)
+    # greedy: every sample is the same, so pass@1 = pass@3 = the greedy accuracy on the seed's problems, whatever sample_seed
+    examples = task.sample(12, seed=4, split="test")
+    ro = generate(model, tok, [e.prompt for e in examples], group_size=1, max_new_tokens=8, temperature=0.0)
+    acc = sum(task.is_correct(e, c) for e, c in zip(examples, ro.completions)) / 12
+    for ss in (0, 1, 9):
+        got = sample_pass_at_k(model, tok, task, seed=4, sample_seed=ss, temperature=0.0, **kw)
+        assert abs(got["pass@1"] - acc) < 1e-12 and abs(got["pass@3"] - acc) < 1e-12
+    assert 0 < acc < 1  # the check above is not trivial
 
 
 # ---------------------------------------------------------------- options, step, training
