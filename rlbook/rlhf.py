@@ -45,7 +45,7 @@ class PPOConfig:
     reward_model: str = ""  # comma-separated run folders of `rm` runs (empty: the task's verifiable reward)
     ensemble: str = "mean"  # combination of several reward models: 'mean', 'min' or 'uwo'
     uncertainty_coef: float = 1.0  # lambda of 'uwo'
-    gold: str = ""  # also log gold/mean with this gold of rlbook.reward_model.GOLDS ('mean_digit', 'addition'); '' = off
+    gold: str = ""  # also log gold/mean with this gold of rlbook.reward_model.GOLDS ('mean_digit', 'peaked_digit', 'addition'); '' = off
 
     def check(self) -> None:
         "RLBookError for a bad switch or coefficient (see `check_ppo_options`)."
