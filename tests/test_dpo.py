@@ -135,6 +135,33 @@ def test_rdpo_is_unbiased_for_clean_dpo():
         cdpo_loss(c, r, rc, rr, label_smoothing=0.6)
 
 
+
+@pytest.mark.parametrize("eps,beta", [(0.2, 1.0), (0.3, 1.0), (0.4, 0.1)])
+def test_dpo_and_rdpo_part_only_at_large_margins(eps, beta):
+    "The mechanism the label-noise sweep relies on, per clear-cut pair (clean label: y_w wins), with labels flipped w.p. eps."
+    def expected_grad(fn, h, **kw):  # d/dh of E_noise[loss]: the observed label is clean w.p. 1 - eps, swapped w.p. eps
+        h = torch.tensor([float(h)], dtype=torch.float64, requires_grad=True)
+        z = torch.zeros(1, dtype=torch.float64)
+        loss = (1 - eps) * fn(h, z, z, z, beta=beta, **kw)[0] + eps * fn(z, h, z, z, beta=beta, **kw)[0]
+        return torch.autograd.grad(loss, h)[0].item()
+    # at h = 0 a single pair's rDPO gradient is DPO's times 1 / (1 - 2 eps), for either label: the same direction
+    z = torch.zeros(1, dtype=torch.float64)
+    for swapped in (False, True):
+        grads = []
+        for fn, kw in ((dpo_loss, {}), (rdpo_loss, {"flip_rate": eps})):
+            h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+            c, r = (z, h) if swapped else (h, z)
+            grads.append(torch.autograd.grad(fn(c, r, z, z, beta=beta, **kw)[0], h)[0])
+        assert torch.isclose(grads[1], grads[0] / (1 - 2 * eps))
+    # under the noise, DPO's expected gradient vanishes where sigmoid(beta h) = 1 - eps: its margin stops there ...
+    h_cap = math.log((1 - eps) / eps) / beta
+    assert abs(expected_grad(dpo_loss, h_cap)) < 1e-12
+    assert expected_grad(dpo_loss, 2 * h_cap) > 0  # ... and is pushed back beyond it
+    # ... while rDPO's expected gradient is the clean DPO gradient -beta sigmoid(-beta h) everywhere: it keeps going
+    for h in (0.0, h_cap, 2 * h_cap):
+        assert math.isclose(expected_grad(rdpo_loss, h, flip_rate=eps), -beta / (1 + math.exp(beta * h)), rel_tol=1e-9)
+
+
 # ---------------------------------------------------------------- exact optima on the categorical toy
 def _toy(seed=0, M=3, K=5):
     g = torch.Generator().manual_seed(seed)
