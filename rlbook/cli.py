@@ -6,7 +6,7 @@
 __all__ = ['METHODS', 'DEFAULT_METHOD', 'DATA_FLAGS', 'ALIAS', 'CLIPPED', 'TRL_AGGREGATIONS', 'TRL_OWN_LOSSES',
            'TRL_PREFERENCE_LOSSES', 'PREFERENCE', 'ALIASES', 'field_help', 'option_owners', 'meaning', 'ArgumentParser',
            'DefaultsFormatter', 'build_parser', 'flag', 'in_flags', 'validate_options', 'check_task_name',
-           'train_method', 'train_plan', 'dataset_name', 'data_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose',
+           'train_method', 'train_plan', 'dataset_task', 'data_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose',
            'cmd_exercises', 'main', 'Alias', 'option_fields', 'updates_per_step', 'alias_owners', 'settings_of',
            'TrainHelpFormatter', 'train_help']
 
@@ -259,8 +259,9 @@ def train_plan(args) -> tuple:  # (Method, TrainConfig, options or None), all ch
 DATA_FLAGS = ("dataset", "eval_dataset", "reward_fns", "reward_weights")  # the flags of your own data (chapter `data`)
 
 
-def dataset_name(ds: str) -> str:  # a task name for --dataset: the file's stem, or the hub id with '_' for '/'
-    return Path(ds).stem if Path(ds).is_file() else re.sub(r"\W+", "_", ds)
+def dataset_task(ds: str, fns, ws, ev=None) -> PromptTask:  # --dataset's task, named by the file's stem or the hub id
+    name = Path(ds).stem if Path(ds).is_file() else re.sub(r"\W+", "_", ds)
+    return PromptTask(ds, fns or (), reward_weights=ws, eval_records=ev, name=name)
 
 
 def data_plan(
@@ -287,7 +288,7 @@ def data_plan(
         if not Path(ds).is_file():
             raise RLBookError(f"--dataset {ds!r}: no such file")
         return None, dataclasses.replace(options, pairs_path=ds)
-    return PromptTask(ds, fns or (), reward_weights=ws, eval_records=ev, name=dataset_name(ds)), options
+    return dataset_task(ds, fns, ws, ev), options
 
 # %% ../nbs/99_cli.ipynb #ae20ec3f
 def cmd_train(args) -> dict:  # the final evaluation
@@ -325,8 +326,7 @@ def cmd_eval(args) -> dict:  # the evaluation metrics
         check_policy_name(args.model)
     pick_device(args.device)
     task = (get_task(args.task) if args.dataset is None else
-            PromptTask(args.dataset, args.reward_fns or (), reward_weights=args.reward_weights,
-                       name=dataset_name(args.dataset)))
+            dataset_task(args.dataset, args.reward_fns, args.reward_weights))
     model, tok = load_policy(resolve_model(args.model, args.task), device=args.device)
     res = evaluate(model, tok, task, n=args.n, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, seed=args.seed)
