@@ -7,8 +7,8 @@ __all__ = ['METHODS', 'DEFAULT_METHOD', 'DATA_FLAGS', 'ALIAS', 'CLIPPED', 'TRL_A
            'TRL_PREFERENCE_LOSSES', 'PREFERENCE', 'ALIASES', 'field_help', 'option_owners', 'meaning', 'ArgumentParser',
            'DefaultsFormatter', 'build_parser', 'flag', 'in_flags', 'validate_options', 'check_task_name',
            'train_method', 'train_plan', 'dataset_task', 'data_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose',
-           'cmd_exercises', 'main', 'Alias', 'option_fields', 'updates_per_step', 'alias_owners', 'settings_of',
-           'TrainHelpFormatter', 'train_help']
+           'cmd_memory', 'cmd_merge', 'cmd_exercises', 'config_file_flags', 'main', 'Alias', 'option_fields',
+           'updates_per_step', 'alias_owners', 'settings_of', 'TrainHelpFormatter', 'train_help']
 
 # %% ../nbs/99_cli.ipynb #636152b9
 import argparse
@@ -30,6 +30,7 @@ from .dense_credit import CISPO, GRPO_TIS, IMPLICIT_PRM, PRIME, SAPO
 from .dpo import CDPO, DPO, FDPO, IPO, KTO, RDPO, RPO, SIMPO
 from .entropy import GRPO_ENTROPY
 from .grpo import DAPO, DR_GRPO, GRPO, GSPO, LITE_PPO, NFT
+from .lora import memory_estimate, merge_adapter, method_memory
 from .models import RLBookError, check_policy_name, load_policy, pick_device
 from .nash import DNO, INPO, NASH_MD, SPPO
 from .online_dpo import HYPO, ONLINE_DPO, SPIN, XPO
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _add(t, [flag(f.name)], getattr(m.options, f.name), f.name)
     t.add_argument("--dataset", "--dataset-name", dest="dataset", default=None)  # your own data (chapter `data`)
     t.add_argument("--eval-dataset", dest="eval_dataset", default=None)
+    t.add_argument("--config", default=None)  # a recipe: YAML settings, overridden by the flags (config_file_flags)
     t.add_argument("--reward-fn", "--reward-funcs", dest="reward_fns", action="append", default=None)
     t.add_argument("--reward-weights", dest="reward_weights", type=float, nargs="+", default=None)
     for a in ALIASES:  # TRL's names, each its own dest: an alias given with its book flag is compared, not overwritten
@@ -150,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     d = sub.add_parser("diagnose", help="plain-language warnings about a run, read off its metrics.jsonl")
     d.add_argument("run_dir", help="the --out folder of a run (or its metrics.jsonl)")
+    me = sub.add_parser("memory", help="the memory of one training step, part by part (chapter `lora`)",
+                        formatter_class=DefaultsFormatter)
+    me.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m, gpt2, Qwen/Qwen2.5-0.5B-Instruct, a folder")
+    me.add_argument("--method", default="grpo", choices=sorted(METHODS), help="what it keeps: a reference, a critic")
+    me.add_argument("--batch-size", type=int, default=64, help="sequences sampled per step")
+    me.add_argument("--minibatch-size", type=int, default=0, help="sequences per update (0 = the batch)")
+    me.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
+    me.add_argument("--prompt-tokens", type=int, default=32, help="the longest prompt, in tokens")
+    me.add_argument("--max-new-tokens", type=int, default=8, help="completion budget")
+    me.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (a GPU: bf16)")
+    me.add_argument("--beta", type=float, default=None, help="the KL coefficient (GRPO family: 0 = no reference)")
+    me.add_argument("--use-peft", action="store_true", help="LoRA adapters")
+    me.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    me.add_argument("--lora-target-modules", default="all-linear", help="layers to adapt")
+    me.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    me.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 80], help="GPU sizes to compare the peak with")
+    mg = sub.add_parser("merge", help="a LoRA run's adapter merged into its base model: a plain transformers model folder")
+    mg.add_argument("run_dir", help="the --out folder of a run trained with --use-peft (or its checkpoint folder)")
+    mg.add_argument("--out", required=True, help="the folder to write (AutoModelForCausalLM.from_pretrained reads it)")
+    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     x = sub.add_parser("exercises", help="student editions of the chapters; grading of a student's work")
     xs = x.add_subparsers(dest="action", required=True)
     xs.add_parser("list", help="every exercise of every chapter")
@@ -355,6 +377,41 @@ def cmd_diagnose(args) -> dict:  # name -> warning
     return found
 
 
+def cmd_memory(args) -> dict:  # memory_estimate's result
+    "`rlbook memory`: `memory_estimate` (chapter `lora`) for a method and model, printed part by part."
+    for name in ("batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "lora_r"):
+        if getattr(args, name) <= 0:
+            raise RLBookError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    method = METHODS[args.method]
+    options = method.options
+    if args.beta is not None and options is not None and hasattr(options, "beta"):
+        options = dataclasses.replace(options, beta=args.beta)
+    kind = method_memory(method, options)
+    rows = args.minibatch_size or args.batch_size
+    if rows % args.grad_accum:
+        raise RLBookError(f"--grad-accum {args.grad_accum} must divide the {rows} sequences of an update")
+    est = memory_estimate(args.model, batch_size=args.batch_size, micro_batch=rows // args.grad_accum,
+                          prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                          use_peft=args.use_peft, lora_r=args.lora_r, lora_target_modules=args.lora_target_modules,
+                          gradient_checkpointing=args.gradient_checkpointing, **kind)
+    print(f"{args.model}, {args.method}: {est['params'] / 1e6:.2f} M parameters, {est['trainable'] / 1e6:.2f} M trainable, "
+          f"{args.dtype}")
+    for part in ("weights", "gradients", "optimizer", "reference", "critic", "kv_cache", "activations", "logits", "peak"):
+        b = est[part]
+        print(f"  {part:<12} " + (f"{b / 2 ** 30:8.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:8.1f} MiB"))
+    for gb in args.gpu_gb or []:
+        fits = est["peak"] <= 0.9 * gb * 1e9  # a tenth for the CUDA context, the allocator's slack and fragmentation
+        print(f"  {gb:g} GB GPU: {'fits' if fits else 'does not fit'} (peak {100 * est['peak'] / (gb * 1e9):.0f} % of it)")
+    return est
+
+
+def cmd_merge(args) -> Path:  # the merged model's folder
+    "`rlbook merge RUN_DIR --out DIR`: a LoRA run's adapter merged into its base model (`merge_adapter`, chapter `lora`)."
+    out = merge_adapter(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained or --model {out})")
+    return out
+
+
 def cmd_exercises(args) -> int:  # exit status
     "`rlbook exercises list | build | check`: the classroom kit of `rlbook.classroom`."
     if args.action == "list":
@@ -367,6 +424,51 @@ def cmd_exercises(args) -> int:  # exit status
     return check_exercises(args.chapter, notebook=args.notebook, module=args.module, require_all=args.require_all)
 
 
+def config_file_flags(
+    path: str,  # the recipe, a YAML mapping of settings
+    args,  # the parsed command line: what it sets is not taken from the file
+    parser: argparse.ArgumentParser,  # the parser of `rlbook train`
+) -> list:  # the file's settings as command-line tokens
+    "The settings of a recipe file as flags, leaving out those the command line gives (flags override the file)."
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise RLBookError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RLBookError(f"{path}{f', line {mark.line + 1}' if mark else ''}: not YAML "
+                          f"({getattr(e, 'problem', None) or type(e).__name__})") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise RLBookError(f"{path}: a recipe is a mapping of settings (one `flag: value` a line), not a {type(data).__name__}")
+    options = parser._option_string_actions
+    tokens = []
+    for key, value in data.items():
+        name = "--" + str(key).replace("_", "-")
+        action = options.get(name)
+        if action is None or name in ("--config", "--help"):
+            raise RLBookError(f"{path}: {key!r} is not a setting of `rlbook train` (`rlbook train --help` lists them)")
+        if getattr(args, action.dest) is not None or (action.dest == "method" and args.method_name is not None):
+            continue  # given on the command line, which wins
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise RLBookError(f"{path}: {key} must be true or false, got {value!r}")
+            tokens.append(name if value else "--no-" + name[2:])
+        elif isinstance(value, list) and action.nargs in ("+", "*"):
+            tokens += [name, *map(str, value)]
+        elif isinstance(value, list) and isinstance(action, argparse._AppendAction):
+            for v in value:
+                tokens += [name, str(v)]
+        elif isinstance(value, (dict, list)) or value is None or isinstance(value, bool):
+            raise RLBookError(f"{path}: {key} must be a single number or word, got {value!r}")
+        else:
+            tokens += [name, str(value)]
+    return tokens
+
+
 def main(argv: list | None = None) -> int:  # process exit status
     "Entry point of the `rlbook` command."
     try:
@@ -376,12 +478,21 @@ def main(argv: list | None = None) -> int:  # process exit status
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the training bar
     try:
+        if args.command == "train" and args.config:  # a recipe file: its settings, then the command line's again
+            parser = build_parser()
+            train_parser = parser._subparsers._group_actions[0].choices["train"]
+            argv = list(sys.argv[1:] if argv is None else argv)
+            try:
+                args = parser.parse_args(argv + config_file_flags(args.config, args, train_parser))
+            except SystemExit as e:  # a value of the file that the flag refuses: argparse said which, in one line
+                return e.code if isinstance(e.code, int) else 2
         if args.command == "exercises":
             return cmd_exercises(args)
         if args.command == "train" and args.help:
             print(train_help(train_method(args)), end="")
             return 0
-        {"train": cmd_train, "eval": cmd_eval, "diagnose": cmd_diagnose}[args.command](args)
+        {"train": cmd_train, "eval": cmd_eval, "diagnose": cmd_diagnose, "merge": cmd_merge,
+         "memory": cmd_memory}[args.command](args)
     except RLBookError as e:  # a user mistake: one line (internal errors keep their traceback)
         print("rlbook: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -544,7 +655,7 @@ def settings_of(
     own = option_fields(method)
     values, given_as = {}, {}
     for k, v in vars(args).items():
-        if v is None or k.startswith(ALIAS) or k in ("command", "method", "method_name", "help", *DATA_FLAGS):
+        if v is None or k.startswith(ALIAS) or k in ("command", "method", "method_name", "help", "config", *DATA_FLAGS):
             continue
         if k not in config and k not in own:  # a hyperparameter of another method is a mistake, not a no-op
             owners = option_owners(k)
@@ -647,6 +758,9 @@ def train_help(
                            "a .py file; repeat the flag for several (default: rlbook.data:answer_reward on the "
                            "records' 'answer' column)")
     data.add_argument("--reward-weights", metavar="X", nargs="+", help="one weight per --reward-fn (default: 1 each)")
+    shared.add_argument("--config", metavar="RECIPE.yaml",
+                        help="read settings from a YAML file of `flag: value` lines (recipes/ holds the book's); "
+                             "flags given on the command line override the file's")
     shared.add_argument("-h", "--help", action="store_true",
                         help="show this help (with --method METHOD: that method's)")
     if not method:

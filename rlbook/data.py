@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RECORD_SUFFIXES', 'load_records', 'check_prompt', 'is_conversational', 'render_prompt', 'answer_reward',
-           'load_reward_function', 'PromptTask']
+           'load_reward_function', 'PromptTask', 'chat_addition']
 
 # %% ../nbs/70_data.ipynb #b7000004
 import csv
@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from .models import RLBookError
-from .tasks import Example, Task, answers_match, check_split, extract_answer, split_of
+from .tasks import TASKS, Example, Task, answers_match, check_split, extract_answer, split_of
 
 
 # %% ../nbs/70_data.ipynb #b7000006
@@ -350,4 +350,22 @@ class PromptTask(Task):
     def is_correct(self, example, completion):
         "A reward of at least `success`."
         return self.reward(example, completion) >= self.success
+
+
+# %% ../nbs/70_data.ipynb #b7000031
+def chat_addition(
+    min_digits: int = 1,  # digits of the smallest operands
+    max_digits: int = 2,  # digits of the largest
+    n_train: int = 5000,  # problems drawn for training
+    n_test: int = 200,  # problems drawn for the held-out set
+) -> PromptTask:
+    "Sums as one chat message each ('What is 4+52?'), with an `answer` column: addition for a chat model."
+    from rlbook.tasks import Addition
+    add = Addition(min_digits=min_digits, max_digits=max_digits)
+    problems = add.sample(n_train, seed=0) + add.sample(n_test, seed=0, split="test")
+    return PromptTask([{"prompt": [{"role": "user", "content": f"What is {e.prompt.rstrip('=')}?"}], "answer": e.answer}
+                       for e in problems], name="chat_addition")
+
+
+TASKS.setdefault("chat_addition", chat_addition)  # `--task chat_addition`, `get_task("chat_addition")`
 

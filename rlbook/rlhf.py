@@ -15,12 +15,12 @@ import torch
 from functools import partial
 
 from .logprobs import kl_k1, kl_k3, masked_whiten, position_ids_from_mask, token_mean
-from .models import RLBookError, ValueHead, frozen_copy
+from .models import RLBookError, ValueHead, frozen_copy, has_adapters
 from .ppo import gae_advantages, ppo_policy_loss, token_rewards, value_loss
 from .reinforce import pg_collect, pg_step
 from .reward_model import ENSEMBLES, GOLDS, RewardModel, ensemble_reward, load_reward_model
 from .sft import WARM_START_MODEL
-from .train import Method, Run, find_checkpoint
+from .train import Method, Run, find_checkpoint, with_reference
 
 # %% auto #0
 __all__ = ['CRITIC_INITS', 'PPO_DEFAULTS', 'PPO', 'PPOConfig', 'check_ppo_options', 'critic_from_reward_model',
@@ -94,7 +94,8 @@ def critic_from_policy(
     "A critic on its own copy of the policy's weights with a fresh, nearly-zero head; the head depends on the seed only."
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.cfg.seed)
-        return ValueHead(copy.deepcopy(run.model))
+        # a LoRA policy (chapter lora): the copy keeps its adapters, so the critic trains adapters and head, not all weights
+        return ValueHead(copy.deepcopy(run.model.get_base_model() if has_adapters(run.model) else run.model))
 
 
 def critic_from_first_reward_model(
@@ -123,7 +124,7 @@ def ppo_setup(
     modules = {"value": CRITIC_INITS[o.critic_init](run, rms)}
     if len(rms):
         modules["rms"] = rms
-    return {"ref": frozen_copy(run.model), "modules": modules}
+    return {"ref": with_reference(run)["ref"], "modules": modules}
 
 # %% ../nbs/21_rlhf.ipynb #a336cf57
 @torch.no_grad()

@@ -78,10 +78,11 @@ SLOPPY_MODEL = "tiny-sft-sloppy"  # the model name of `sloppy_warm_start`, where
 
 
 # how a run is kept and shown, not what it computes: these fields never change a warm start's name
-BOOKKEEPING = ("out", "progress", "resume", "device", "overwrite", "allow_config_change")
+BOOKKEEPING = ("out", "progress", "resume", "device", "overwrite", "allow_config_change", "report_to")
 # settings added to TrainConfig after the shipped warm starts were named: left out of the digest at these values
 # (the computation every shipped warm start used), so that the shipped names stay valid
-LATER_DEFAULTS = {"optim": "adamw_torch"}
+LATER_DEFAULTS = {"optim": "adamw_torch", "gradient_checkpointing": False, "use_peft": False, "lora_r": 16, "lora_alpha": 32,
+                  "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
 
 
 def warm_start_name(cfg: TrainConfig) -> str:  # e.g. 'tiny-addition-78ec84c79220'
