@@ -281,3 +281,41 @@ def test_every_stored_figure_has_a_caption_in_words():
             if not cap or len(cap.group(1).split()) < 8:
                 missing.append(f"{nb.name} cell {c.get('id')}")
     assert not missing, "figures without a caption in words: " + ", ".join(missing)
+
+
+def test_gpu_and_slow_cells_compile_and_name_what_exists():
+    """The cells the suite never runs (flagged gpu or slow) still parse, import only modules that are installed and
+    names that rlbook has, and pass `Method.config` only TrainConfig fields: what a reader runs on a GPU is checked here."""
+    import ast
+    import dataclasses
+    import importlib
+    import importlib.util
+
+    from rlbook.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for nb in NBS:
+        for cell in json.loads(nb.read_text())["cells"]:
+            src = "".join(cell["source"])
+            if cell["cell_type"] != "code" or not re.search(r"^#\|\s*(gpu|slow)\b", src, re.M):
+                continue
+            code = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("!", "%")))
+            tree = ast.parse(code, f"{nb.name}:{cell['id']}")  # a SyntaxError names the notebook and the cell
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    if node.module.split(".")[0] == "rlbook":
+                        mod = importlib.import_module(node.module)
+                        missing = [a.name for a in node.names if not hasattr(mod, a.name)]
+                        assert not missing, f"{nb.name}:{cell['id']} imports {missing} from {node.module}, which has none"
+                    else:
+                        assert importlib.util.find_spec(node.module.split(".")[0]), f"{nb.name}: {node.module} missing"
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        assert importlib.util.find_spec(a.name.split(".")[0]), f"{nb.name}: {a.name} is not installed"
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "config"
+                      and isinstance(node.func.value, ast.Name) and node.func.value.id.isupper()):
+                    unknown = {k.arg for k in node.keywords if k.arg} - fields
+                    assert not unknown, f"{nb.name}:{cell['id']} passes {sorted(unknown)} to {node.func.value.id}.config"
+            checked += 1
+    assert checked >= 10, checked
