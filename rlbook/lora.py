@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .dpo import dpo_collect, kto_collect
 from .grpo import grpo_setup
-from .models import CHAR_VOCAB, RLBookError, is_adapter_folder, load_merged, smollm2_path, tiny_config
+from .models import (CHAR_VOCAB, RLBookError, is_adapter_folder, load_merged, lora_targets, smollm2_path,
+                           tiny_config)
 
 
 # %% ../nbs/71_lora.ipynb #c7100006
@@ -106,7 +107,7 @@ def adapted_layers(
     targets: str = "all-linear",  # 'all-linear' or names separated by commas
 ) -> list:  # (d_in, d_out) of each layer LoRA adapts
     "The linear layers `--lora-target-modules` selects."
-    names = None if targets.strip() == "all-linear" else {t.strip() for t in targets.split(",") if t.strip()}
+    names = lora_targets(targets)
     return [io for n, io in shape["linear"].items() if names is None or n.rsplit(".", 1)[-1] in names]
 
 

