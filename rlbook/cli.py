@@ -24,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from .agents import EnvTask
 from .classroom import build as build_student_editions, check as check_exercises, list_exercises
 from .data import PromptTask
 from .dense_credit import CISPO, GRPO_TIS, IMPLICIT_PRM, PRIME, SAPO
@@ -353,6 +354,9 @@ def cmd_eval(args) -> dict:  # the evaluation metrics
     res = evaluate(model, tok, task, n=args.n, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, seed=args.seed)
     print(json.dumps(res, indent=1))
+    if isinstance(task, EnvTask):  # an environment (chapter agents): --max-new-tokens is the budget of one turn
+        print(f"{task.name}: {res['accuracy']:.1%} of {args.n} episodes solved, {res['turns']:.2f} turns on average "
+              f"(at most {task.max_turns})")
     return res
 
 

@@ -305,11 +305,11 @@ GRPO = Method(
     name="grpo", collect=partial(pg_collect, shaping=(overlong_shaping, kl_reward_shaping), advantage=group_advantage,
                                  keep=difficulty_keep),
     loss=partial(pg_step, objective=grpo_objective), setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.04, aggregation="seq_mean", adv_std="group"),
+    options=GRPOConfig(beta=0.04, aggregation="seq_mean", adv_std="group"), multi_turn=True,
     help="GRPO: group-relative advantages, clipped token ratio, k3 KL in the loss, sequence-mean aggregation")
 DR_GRPO = Method(
     name="dr_grpo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.0, aggregation="constant", adv_std="none"),
+    options=GRPOConfig(beta=0.0, aggregation="constant", adv_std="none"), multi_turn=True,
     help="Dr. GRPO: no std scaling, constant (max_new_tokens) normaliser, no KL")
 DAPO = Method(
     name="dapo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
@@ -318,7 +318,7 @@ DAPO = Method(
     help="DAPO: clip-higher, dynamic sampling (zero-variance groups masked), token mean, soft overlong punishment")
 LITE_PPO = Method(
     name="lite_ppo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.0, aggregation="token_mean", adv_std="batch"),
+    options=GRPOConfig(beta=0.0, aggregation="token_mean", adv_std="batch"), multi_turn=True,
     help="Lite PPO: group-mean / batch-std advantages, token-level aggregation, no KL")
 GSPO = Method(
     name="gspo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),

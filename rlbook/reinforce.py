@@ -392,11 +392,11 @@ PG_DEFAULTS = dict(steps=100, batch_size=512, group_size=8, lr=3e-4, max_new_tok
 REINFORCE = Method(
     name="reinforce", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=reinforce_adv)),
     loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS, options=PGConfig(),
-    help="REINFORCE (Williams 1992): A = r, no baseline")
+    multi_turn=True, help="REINFORCE (Williams 1992): A = r, no baseline")
 RLOO = Method(
     name="rloo", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=rloo_adv)),
     loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS, options=PGConfig(),
-    help="REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): baseline = mean of the group's other rewards")
+    multi_turn=True, help="REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): baseline = mean of the group's other rewards")
 REMAX = Method(
     name="remax", collect=partial(pg_collect, shaping=(kl_shaping,), advantage=partial(pg_advantage, estimate=remax_adv)),
     loss=partial(pg_step, objective=pg_objective), setup=with_reference, defaults=PG_DEFAULTS, options=PGConfig(),

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['exponential_race', 'sample_token', 'Rollout', 'model_context', 'encode_prompts', 'check_sampling', 'generate',
-           'encode_pairs', 'evaluate']
+           'encode_pairs', 'play', 'evaluate']
 
 # %% ../nbs/03_rollout.ipynb #216f92a2
 import math
@@ -63,6 +63,11 @@ class Rollout:
     completions: list  # B decoded completions, special tokens removed
     group_size: int = 1  # G
     temperature: float = 1.0  # tau used for sampling (the training pass must reuse it)
+    # episodes of an environment (chapter agents): the completion region also holds the environment's tokens
+    completion_attention: torch.Tensor | None = None  # (B, T) 1 = real token, the policy's or the environment's (None: completion_mask)
+    reward: torch.Tensor | None = None  # (B,) each episode's return, summed from the environment's rewards (None: the task scores completions)
+    turns: torch.Tensor | None = None  # (B,) turns the policy took in each episode
+    solved: torch.Tensor | None = None  # (B,) bool: the episode reached its goal
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P+T)
@@ -70,10 +75,11 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:  # (B, P+T)
-        return torch.cat([self.prompt_mask, self.completion_mask], 1)
+        return torch.cat([self.prompt_mask, self.completion_mask if self.completion_attention is None
+                          else self.completion_attention], 1)
 
     @property
-    def lengths(self) -> torch.Tensor:  # (B,) completion lengths, EOS included
+    def lengths(self) -> torch.Tensor:  # (B,) completion lengths, EOS included (the policy's tokens only)
         return self.completion_mask.sum(-1)
 
 # %% ../nbs/03_rollout.ipynb #e34d7b59
@@ -244,6 +250,20 @@ def encode_pairs(
     return {"input_ids": torch.cat([p_ids, ids], 1), "attention_mask": torch.cat([p_mask, mask], 1),
             "completion_ids": ids, "completion_mask": mask}
 
+# %% ../nbs/03_rollout.ipynb #play02
+def play(
+    model,  # the policy
+    tokenizer,  # its tokenizer
+    task,  # a rlbook.tasks.Task, or an environment task (chapter agents)
+    examples: list,  # the problems, one per group of G rows
+    **sampling,  # generate's options: group_size, max_new_tokens, temperature, top_p, generator
+) -> Rollout:
+    "The policy's answers to the examples: `generate` on their prompts, or the task's own `episodes` where it is an environment."
+    episodes = getattr(task, "episodes", None)  # chapter agents
+    if episodes is not None:
+        return episodes(model, tokenizer, examples, **sampling)
+    return generate(model, tokenizer, [e.prompt for e in examples], **sampling)
+
 # %% ../nbs/03_rollout.ipynb #d53d1d3f
 @torch.no_grad()
 def evaluate(
@@ -257,8 +277,8 @@ def evaluate(
     temperature: float = 0.0,  # 0 = greedy (pass@1 of the mode)
     seed: int = 0,  # which held-out problems (and sampling noise if temperature > 0)
     split: str = "test",  # task split
-) -> dict:  # {'accuracy', 'reward', 'len', 'truncated'} averaged over the n problems
-    "Accuracy and mean reward of the policy on held-out problems of a task."
+) -> dict:  # {'accuracy', 'reward', 'len', 'truncated'} averaged over the n problems (and 'turns' for an environment)
+    "Accuracy and mean reward of the policy on held-out problems of a task; for an environment, success rate, return and turns."
     for name, v in (("n", n), ("batch_size", batch_size)):
         if not _is_int(v) or v < 1:
             raise RLBookError(f"evaluate: {name} must be a positive integer, got {v!r}")
@@ -266,14 +286,19 @@ def evaluate(
     task = task.with_tokenizer(tokenizer) if hasattr(task, "with_tokenizer") else task  # a chat template (chapter `data`)
     examples = task.sample(n, seed=seed, split=split)
     g = torch.Generator().manual_seed(seed)
-    correct, rewards, lens, trunc = [], [], [], []
+    correct, rewards, lens, trunc, turns = [], [], [], [], []
     for i in range(0, n, batch_size):
         ex = examples[i: i + batch_size]
-        ro = generate(model, tokenizer, [e.prompt for e in ex], max_new_tokens=max_new_tokens,
-                      temperature=temperature, generator=g)
-        correct += [task.is_correct(e, c) for e, c in zip(ex, ro.completions)]
-        rewards += checked_rewards(task, ex, ro.completions)
+        ro = play(model, tokenizer, task, ex, max_new_tokens=max_new_tokens, temperature=temperature, generator=g)
+        if ro.reward is None:
+            correct += [task.is_correct(e, c) for e, c in zip(ex, ro.completions)]
+            rewards += checked_rewards(task, ex, ro.completions)
+        else:  # an environment's episodes: its goal, its return, and how many turns they took (chapter agents)
+            correct += ro.solved.tolist()
+            rewards += ro.reward.tolist()
+            turns += ro.turns.tolist()
         lens += ro.lengths.tolist()
         trunc += ro.truncated.tolist()
     k = max(len(correct), 1)
-    return {"accuracy": sum(correct) / k, "reward": sum(rewards) / k, "len": sum(lens) / k, "truncated": sum(trunc) / k}
+    res = {"accuracy": sum(correct) / k, "reward": sum(rewards) / k, "len": sum(lens) / k, "truncated": sum(trunc) / k}
+    return {**res, "turns": sum(turns) / k} if turns else res

@@ -52,7 +52,7 @@ def sft_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
 
 SFT = Method(
     name="sft", collect=sft_collect, loss=sft_step,
-    defaults=dict(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50, max_new_tokens=8, eval_every=250),
+    defaults=dict(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50, max_new_tokens=8, eval_every=250), multi_turn=True,
     help="supervised fine-tuning on the task's worked solutions (the warm start)")
 
 # %% ../nbs/05_sft.ipynb #0c0b458a

@@ -78,7 +78,7 @@ class Task:
         seed: int,  # random seed; the same (seed, split) always gives the same examples
         split: str = "train",  # "train" or "test"; the two never share a prompt
     ) -> list:  # `n` `Example`s
-        "Draw `n` examples of `split` by rejection sampling on `split_of(prompt)`."
+        "Draw `n` examples of `split` by rejection sampling on `split_of(split_key(example))`, the prompt's checksum."
         check_split(split)
         if not isinstance(n, int) or n < 0:
             raise RLBookError(f"n must be a non-negative int, got {n!r}")
@@ -87,7 +87,7 @@ class Task:
         while len(examples) < n:
             example = self.make_example(rng)
             tries += 1
-            if split_of(example.prompt) == split:
+            if split_of(self.split_key(example)) == split:
                 examples.append(example)
             elif tries > max_tries:
                 raise RLBookError(
@@ -95,6 +95,13 @@ class Task:
                     "the problem space of these knobs is too small for a held-out split"
                 )
         return examples
+
+    def split_key(
+        self,
+        example: Example,  # a problem
+    ) -> str:  # the text whose checksum decides its split
+        "The prompt: two problems with the same prompt are in the same split. (An environment's episodes share one prompt; chapter agents keys them by seed.)"
+        return example.prompt
 
     def is_correct(
         self,

@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 from .logprobs import completion_logprobs, token_mean
 from .models import (RLBookError, AdapterDisabled, apply_lora, frozen_copy, has_adapters, load_adapter_weights,
                            load_policy, seed_everything)
-from .rollout import evaluate, generate
+from .rollout import evaluate, play
 from .tasks import checked_rewards, get_task
 
 # %% ../nbs/04_train.ipynb #9edfd289
@@ -271,6 +271,7 @@ class Method:
     setup: object = None  # setup(run) -> dict with any of SETUP_KEYS; train calls it once the policy is loaded
     help: str = ""  # one line for `rlbook train --help`
     option_help: dict = field(default_factory=dict)  # option -> what it means for this method, where the options' own comment does not say (IPO's beta)
+    multi_turn: bool = False  # it trains on an environment task (chapter agents): plays its episodes through collect_rollouts, or learns its demonstrations (SFT)
 
     def config(self, **overrides) -> TrainConfig:  # the method's defaults and the overrides, checked
         "TrainConfig from the defaults and overrides; checked (check_config, check_out) before setup builds anything."
@@ -339,16 +340,19 @@ def collect_rollouts(
     "Sample this process's share of the step's prompts, G completions each, score them, and take their reference log-probs."
     cfg = run.cfg
     examples = shard(run.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, run.step), split="train"), run)
-    ro = generate(run.model, run.tokenizer, [e.prompt for e in examples], group_size=cfg.group_size,
-                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                  generator=run.generator())
+    ro = play(run.model, run.tokenizer, run.task, examples, group_size=cfg.group_size,
+              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+              generator=run.generator())  # an environment task plays episodes (chapter agents)
     rows = [e for e in examples for _ in range(cfg.group_size)]
-    reward = score(run.task, rows, ro.completions).to(run.device)
+    reward = (score(run.task, rows, ro.completions) if ro.reward is None else ro.reward.float()).to(run.device)
     batch = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask,
              "completion_mask": ro.completion_mask, "logp_old": ro.logp, "reward": reward,
              "truncated": ro.truncated, "examples": rows, "completions": ro.completions}
     stats = {"reward/mean": reward.mean().item(), "len/mean": ro.lengths.float().mean().item(),
              "frac_truncated": ro.truncated.float().mean().item()}
+    if ro.turns is not None:
+        stats["turns/mean"] = ro.turns.float().mean().item()
+        stats["frac_solved"] = ro.solved.float().mean().item()
     if reference and run.ref is not None:
         mask = ro.completion_mask
         with torch.no_grad():
@@ -655,6 +659,8 @@ METRICS = {  # name (a * matches one path part) -> meaning; the one glossary of 
     "len/right": "mean length of the correct completions (chapter grpo)",
     "len/wrong": "mean length of the wrong completions (chapter grpo)",
     "frac_truncated": "fraction of completions that hit max_new_tokens without EOS",
+    "turns/mean": "turns the policy took per episode of an environment (chapter agents)",
+    "frac_solved": "fraction of an environment's episodes that reached their goal (chapter agents)",
     "frac_reward_zero_std": "fraction of groups whose G rewards are all equal: no group-relative signal",
     "frac_kept": "fraction of rows whose group a difficulty filter kept",
     "frac_selected": "fraction of tokens an entropy control selected (chapter entropy)",
@@ -884,7 +890,8 @@ def diagnose(
             "does, or a larger --group-size); "
             "see appendix Pitfalls, §4 'Groups with zero reward variance'")
     trunc = _series(rows, "frac_truncated")
-    if trunc and _mean(late(trunc)) > 0.05:
+    episodes = bool(_series(rows, "turns/mean"))  # an environment: truncated = unsolved at max_turns, not cut mid-answer
+    if trunc and not episodes and _mean(late(trunc)) > 0.05:
         out["truncation"] = (
             f"warning: {_mean(late(trunc)):.0%} of the completions hit --max-new-tokens in the second half of the "
             "run; they are scored unfinished and bias the length (raise --max-new-tokens); see appendix Pitfalls, "
@@ -1200,6 +1207,10 @@ def setup_run(
     run: Run,  # the run being built: its policy loaded, not yet wrapped for several processes
 ) -> dict:  # what the setup returned (its models now on the run's device, in run)
     "Call the method's setup and put what it returns into the run: reference and modules placed (`place`), task, policy."
+    if getattr(run.task, "episodes", None) is not None and not method.multi_turn:
+        raise RLBookError(f"{getattr(run.task, 'name', 'the task')} is an environment (episodes of several turns) and "
+                          f"{method.name} trains on single completions; use a method that plays episodes (grpo, rloo, "
+                          "reinforce; chapter agents) or sft on its demonstrations")
     extra = method.setup(run) if method.setup is not None else {}
     unknown = sorted(set(extra) - set(SETUP_KEYS))
     if unknown:

@@ -110,13 +110,13 @@ NOTES = ["a baseline", "a critic, a clip", "a learned reward", "no reward model"
 
 
 def chapter_map_svg() -> str:
-    """The derivation chain of the chapters, the core below, the coming bands (7x, 8x) beside."""
+    """The derivation chain of the chapters, the core below, the bands 7x and 8x beside."""
     w, box_w, box_h, gap, x0, y0 = 980, 92, 46, 20, 14, 58
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} 250" width="{w}" height="250" '
         'font-family="Helvetica, Arial, sans-serif" font-size="13">',
         "<title>Chapter map of rlbook: REINFORCE, PPO, RLHF, DPO, GRPO, Nash, entropy, built on "
-        "the core chapters; scaling up (7x) and multi-turn (8x) are coming</title>",
+        "the core chapters; beside them scaling up (7x) and multi-turn agents (8x)</title>",
         '<defs><marker id="a" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
         'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>',
         f'<text x="{x0}" y="24" font-size="15" font-weight="bold">The derivation chain: each '
@@ -138,11 +138,12 @@ def chapter_map_svg() -> str:
                        "rollouts, training loop, SFT, preference data, objective"))
     out.append(_arrow(x0 + chain_w / 2, yc, x0 + chain_w / 2, y0 + box_h + 24, dash="3 3"))
     xr = x0 + chain_w + 18
-    for j, (band, what) in enumerate((("7x", "scaling up"), ("8x", "multi-turn"))):
+    for j, (band, what, chapters) in enumerate((("7x", "scaling up", "70 data · 71 LoRA"),
+                                                ("8x", "multi-turn", "80 agents"))):
         y, bw = y0 + j * 70, w - xr - 8
         out.append(_box(xr, y, bw, box_h, "#fff", stroke="#999", dash="5 4")
-                   + _text(xr + bw / 2, y + 20, f"{band}: {what}", fill="#777")
-                   + _text(xr + bw / 2, y + 37, "coming", size=11, fill="#999"))
+                   + _text(xr + bw / 2, y + 20, f"{band}: {what}", fill="#555")
+                   + _text(xr + bw / 2, y + 37, chapters, size=11, fill="#777"))
     out.append(f'<text x="{x0}" y="{yc + 70}" font-size="11" fill="#555">Each box is a chapter '
                "(a notebook and a module of the package); appendices: the Pitfalls, the paper "
                "index, the instructor page.</text>")
