@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-from rlbook.agents import EnvTask, GuessNumber, TextEnv, consistent_interval, play_episodes, search_turns
+from rlbook.agents import (EnvTask, GuessNumber, TextEnv, ToolEnv, consistent_interval, lock_turns, play_episodes,
+                           search_turns)
 from rlbook.cli import main
 from rlbook.grpo import GRPO, GRPOConfig
 from rlbook.models import RLBookError, load_policy
+from rlbook.tasks import get_task
 from rlbook.train import read_metrics, train
 
 
@@ -95,3 +97,35 @@ def test_halving_guess_solution():
                 break
             history.append((guess, obs))
         assert done
+
+
+@pytest.mark.parametrize("name, knobs, needle", [
+    ("guess_number", dict(n=1), "n must be an integer in [2, 999]"),
+    ("guess_number", dict(max_turns=0), "max_turns must be a positive integer"),
+    ("calculator", dict(tool_rate=1.5), "tool_rate must be a probability"),
+    ("calculator", dict(min_digits=5, max_digits=3), "digits"),
+    ("lock", dict(length=9), "length must be an integer in [1, 4]"),
+])
+def test_environment_knobs_are_checked(name, knobs, needle):
+    with pytest.raises(RLBookError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        get_task(name, **knobs)
+
+
+class Shout(ToolEnv):
+    "A user's tool environment: the tool `up` upper-cases its argument; the answer must be the prompt's word in capitals."
+    def reset(self, seed):
+        self.word = ["ab", "cd", "ef"][seed % 3]
+        return f"{self.word}:"
+
+    def answer_reward(self, answer):
+        return float(answer.strip() == self.word.upper())
+
+
+def test_a_tool_environment_of_ones_own():
+    env = Shout({"up": str.upper})
+    env.reset(1)
+    assert env.step("up:cd") == ("=CD\n", 0.0, False) and env.step("nope:cd")[2] and not env.solved
+    env = Shout({"up": str.upper})  # EnvTask builds a fresh environment for every episode
+    env.reset(1)
+    assert env.step("CD") == ("", 1.0, True) and env.solved and env.calls == 0
+    assert lock_turns(1, 2, 1.0) == 1.5 and lock_turns(1, 2, 0.0) == pytest.approx(2.0)
