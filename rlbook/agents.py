@@ -13,7 +13,7 @@ import numbers
 import random
 import re
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 
@@ -107,20 +107,19 @@ class GuessNumber(TextEnv):
         return ("+" if self.secret > guess else "-"), 0.0, False
 
 
-@lru_cache(maxsize=None)
 def search_turns(
     size: int,  # numbers still possible
     halving: float = 1.0,  # probability of guessing the middle (else a uniform guess among the possible)
 ) -> float:  # expected guesses to find a uniformly hidden number
     "E[turns] of a searcher that guesses the middle with probability `halving` and a uniform possible number otherwise."
-    if size <= 0:
-        return 0.0
+    expected = [0.0] * (size + 1)  # expected[s]: the same with s numbers possible, built up from s = 0
+    for s in range(1, size + 1):
+        def after(g: int) -> float:  # guess the g-th of the s numbers (0-based): g below it, s - 1 - g above
+            return 1 + (g * expected[g] + (s - 1 - g) * expected[s - 1 - g]) / s
 
-    def after(g: int) -> float:  # guess the g-th of the size numbers (0-based)
-        return 1 + (g * search_turns(g, halving) + (size - 1 - g) * search_turns(size - 1 - g, halving)) / size
-
-    uniform = sum(after(g) for g in range(size)) / size if halving < 1 else 0.0
-    return halving * after((size - 1) // 2) + (1 - halving) * uniform
+        uniform = sum(after(g) for g in range(s)) / s if halving < 1 else 0.0
+        expected[s] = halving * after((s - 1) // 2) + (1 - halving) * uniform
+    return expected[size]
 
 
 # %% ../nbs/80_agents.ipynb #c8000012
