@@ -129,3 +129,28 @@ def test_a_tool_environment_of_ones_own():
     env.reset(1)
     assert env.step("CD") == ("", 1.0, True) and env.solved and env.calls == 0
     assert lock_turns(1, 2, 1.0) == 1.5 and lock_turns(1, 2, 0.0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_episodes_on_rope_models_match_the_training_pass(arch):
+    "The KV cache kept across turns, with holes, on RoPE models (the architectures of SmolLM2 and Qwen2.5)."
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from rlbook.logprobs import completion_logprobs
+    from rlbook.models import CHAR_VOCAB, build_char_tokenizer
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=len(CHAR_VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
+    eos_bias = torch.zeros(len(CHAR_VOCAB))
+    eos_bias[1] = 3.0  # EOS about one token in six: turns end at different tokens and leave holes
+    model.lm_head.register_forward_hook(lambda module, args, out: out + eos_bias)
+    tok = build_char_tokenizer(model_max_length=256)
+    task = EnvTask(env=lambda: GuessNumber(64, max_turns=4), max_turns=4)
+    ro = task.episodes(model, tok, task.sample(6, seed=0), group_size=2, max_new_tokens=3,
+                       generator=torch.Generator().manual_seed(0))
+    mine = ro.completion_mask.bool()
+    assert (ro.completion_attention == 0).any() and (ro.turns > 1).any()  # holes (turns ended by EOS), several turns
+    train = completion_logprobs(model, ro.input_ids, ro.attention_mask, mine.shape[1])["logp"] * mine
+    assert torch.allclose(train, ro.logp, atol=1e-5), (train - ro.logp).abs().max()
