@@ -385,7 +385,7 @@ def cmd_memory(args) -> dict:  # memory_estimate's result
     "`rlbook memory`: `memory_estimate` (chapter `lora`) for a method and model, printed part by part."
     for name in ("batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "lora_r"):
         if getattr(args, name) <= 0:
-            raise RLBookError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise RLBookError(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
     method = METHODS[args.method]
     options = method.options
     if args.beta is not None and options is not None and hasattr(options, "beta"):

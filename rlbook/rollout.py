@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['exponential_race', 'sample_token', 'Rollout', 'model_context', 'encode_prompts', 'check_sampling', 'generate',
-           'encode_pairs', 'play', 'evaluate']
+           'encode_pairs', 'is_environment', 'play', 'evaluate']
 
 # %% ../nbs/03_rollout.ipynb #216f92a2
 import math
@@ -251,6 +251,13 @@ def encode_pairs(
             "completion_ids": ids, "completion_mask": mask}
 
 # %% ../nbs/03_rollout.ipynb #play02
+def is_environment(
+    task,  # a task
+) -> bool:
+    "True for a task that plays its own episodes (it has `episodes`: an environment, chapter agents)."
+    return getattr(task, "episodes", None) is not None
+
+
 def play(
     model,  # the policy
     tokenizer,  # its tokenizer
@@ -259,9 +266,8 @@ def play(
     **sampling,  # generate's options: group_size, max_new_tokens, temperature, top_p, generator
 ) -> Rollout:
     "The policy's answers to the examples: `generate` on their prompts, or the task's own `episodes` where it is an environment."
-    episodes = getattr(task, "episodes", None)  # chapter agents
-    if episodes is not None:
-        return episodes(model, tokenizer, examples, **sampling)
+    if is_environment(task):  # chapter agents
+        return task.episodes(model, tokenizer, examples, **sampling)
     return generate(model, tokenizer, [e.prompt for e in examples], **sampling)
 
 # %% ../nbs/03_rollout.ipynb #d53d1d3f

@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 from .logprobs import completion_logprobs, token_mean
 from .models import (RLBookError, AdapterDisabled, apply_lora, frozen_copy, has_adapters, load_adapter_weights,
                            load_policy, seed_everything)
-from .rollout import evaluate, play
+from .rollout import evaluate, is_environment, play
 from .tasks import checked_rewards, get_task
 
 # %% ../nbs/04_train.ipynb #9edfd289
@@ -1207,7 +1207,7 @@ def setup_run(
     run: Run,  # the run being built: its policy loaded, not yet wrapped for several processes
 ) -> dict:  # what the setup returned (its models now on the run's device, in run)
     "Call the method's setup and put what it returns into the run: reference and modules placed (`place`), task, policy."
-    if getattr(run.task, "episodes", None) is not None and not method.multi_turn:
+    if is_environment(run.task) and not method.multi_turn:
         raise RLBookError(f"{getattr(run.task, 'name', 'the task')} is an environment (episodes of several turns) and "
                           f"{method.name} trains on single completions; use a method that plays episodes (grpo, rloo, "
                           "reinforce; chapter agents) or sft on its demonstrations")
