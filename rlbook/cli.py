@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['METHODS', 'DEFAULT_METHOD', 'DATA_FLAGS', 'ALIAS', 'CLIPPED', 'TRL_AGGREGATIONS', 'TRL_OWN_LOSSES',
            'TRL_PREFERENCE_LOSSES', 'PREFERENCE', 'ALIASES', 'field_help', 'option_owners', 'meaning', 'ArgumentParser',
-           'DefaultsFormatter', 'build_parser', 'flag', 'in_flags', 'validate_options', 'check_task_name',
-           'train_method', 'train_plan', 'dataset_task', 'data_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose',
-           'cmd_memory', 'cmd_merge', 'cmd_exercises', 'config_file_flags', 'main', 'Alias', 'option_fields',
-           'updates_per_step', 'alias_owners', 'settings_of', 'TrainHelpFormatter', 'train_help']
+           'DefaultsFormatter', 'build_parser', 'in_flags', 'validate_options', 'check_task_name', 'train_method',
+           'train_plan', 'dataset_task', 'data_plan', 'cmd_train', 'cmd_eval', 'cmd_diagnose', 'cmd_memory',
+           'cmd_merge', 'cmd_exercises', 'config_file_flags', 'main', 'Alias', 'option_fields', 'updates_per_step',
+           'alias_owners', 'settings_of', 'TrainHelpFormatter', 'train_help']
 
 # %% ../nbs/99_cli.ipynb #636152b9
 import argparse
@@ -41,7 +41,7 @@ from .rlhf import PPO
 from .rollout import evaluate
 from .sft import SFT
 from .tasks import TASKS, get_task
-from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, read_metrics, resolve_model, train
+from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, flag, read_metrics, resolve_model, train
 
 # %% ../nbs/99_cli.ipynb #b555a175
 METHODS = {m.name: m for m in (
@@ -187,10 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # %% ../nbs/99_cli.ipynb #b8bf35d1
-def flag(name: str) -> str:  # the command-line flag of a field name
-    return "--" + name.replace("_", "-")
-
-
 def in_flags(
     message: str,  # an error message that names fields (acc_min)
     names,  # the field names to rewrite
