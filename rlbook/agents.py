@@ -28,6 +28,7 @@ from .tasks import Addition, Example, Task, evaluate_expression, register_task
 class TextEnv:
     "The interface of a text environment: `reset(seed)` gives the first observation, `step(action)` answers a turn."
     solved: bool = False  # set by `step` when the episode reaches its goal (the success rate counts it)
+    answer: str | None = None  # the episode's true final answer where it has one, set by `reset` (chapter turn_credit's information gain)
 
     def reset(
         self,
@@ -92,6 +93,7 @@ class GuessNumber(TextEnv):
 
     def reset(self, seed: int) -> str:
         self.secret = random.Random(f"guess_number/{self.n}/{seed}").randint(1, self.n)
+        self.answer = str(self.secret)
         self.turns, self.solved = 0, False
         return f"guess 1-{self.n}:"
 
@@ -168,7 +170,7 @@ def play_episodes(
 
     cols = {"ids": [], "real": [], "mine": [], "logp": []}  # column blocks of the completion region, each (B, w)
     live = torch.ones(B, dtype=torch.bool, device=device)  # episodes still running
-    reward, turns = torch.zeros(B), torch.zeros(B, dtype=torch.long)
+    reward, turns, turn_reward = torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.zeros(B, max_turns)
     for turn in range(max_turns):
         talking, said = live.clone(), [[] for _ in range(B)]  # rows still writing this turn; their tokens
         for t in range(max_new_tokens):
@@ -189,6 +191,7 @@ def play_episodes(
             action = tokenizer.decode([x for x in said[i] if x != eos], skip_special_tokens=True)
             obs, r, done = check_step(envs[i], action)
             reward[i] += r
+            turn_reward[i, turn] = r
             turns[i] += 1
             if done:
                 live[i] = False
@@ -215,7 +218,8 @@ def play_episodes(
         logp=torch.cat(cols["logp"], 1), truncated=live.clone(), prompts=prompts,
         completions=[tokenizer.decode(ids[i][real[i].bool()], skip_special_tokens=False) for i in range(B)],
         group_size=group_size, temperature=temperature, completion_attention=real, reward=reward.to(device),
-        turns=turns.to(device), solved=torch.tensor([bool(getattr(env, "solved", False)) for env in envs], device=device))
+        turns=turns.to(device), turn_reward=turn_reward[:, :max(int(turns.max()), 1)].to(device),
+        solved=torch.tensor([bool(getattr(env, "solved", False)) for env in envs], device=device))
 
 
 # %% ../nbs/80_agents.ipynb #c8000015
@@ -368,6 +372,7 @@ class Calculator(ToolEnv):
 
     def reset(self, seed: int) -> str:
         self.example = self.task.make_example(random.Random(f"calculator/{seed}"))
+        self.answer = self.example.answer
         self.calls = self.well_formed = 0
         self.solved = False
         return self.example.prompt

@@ -41,6 +41,7 @@ from .rlhf import PPO
 from .rollout import evaluate
 from .sft import SFT
 from .tasks import TASKS, get_task
+from .turn_credit import ARCHER, IGPO, REFUEL
 from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, flag, read_metrics, resolve_model, train
 
 # %% ../nbs/99_cli.ipynb #b555a175
@@ -55,6 +56,7 @@ METHODS = {m.name: m for m in (
     NASH_MD, INPO, SPPO, DNO,  # 51 Nash learning from general preferences
     PRIME, IMPLICIT_PRM, CISPO, SAPO, GRPO_TIS,  # 41 dense credit and the newer GRPO losses
     GRPO_ENTROPY,  # 60 entropy control (--entropy-control)
+    ARCHER, IGPO, REFUEL,  # 81 credit across the turns of an environment's episodes
 )}
 DEFAULT_METHOD = next(iter(METHODS))
 

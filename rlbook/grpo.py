@@ -93,7 +93,7 @@ RATIOS = {"token": token_ratio, "sequence": sequence_ratio}
 def grpo_loss(
     logp: torch.Tensor,  # (B, T) log pi_theta of the sampled tokens (with grad)
     logp_old: torch.Tensor,  # (B, T) log pi_old, from the rollout
-    adv: torch.Tensor,  # (B,) advantages, @eq-grpo-adv
+    adv: torch.Tensor,  # (B,) advantages, @eq-grpo-adv (or (B, T), one per token)
     mask: torch.Tensor,  # (B, T) 1 = completion token
     *,
     ref_logp: torch.Tensor | None = None,  # (B, T) log pi_ref (for the KL term)
@@ -109,7 +109,7 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict]:  # scalar loss, stats of `surrogate_stats` (clipfrac, approx_kl, ratio/mean, ratio/max)
     "Clipped group-relative surrogate (chapter 14's `clipped_surrogate`) plus KL penalty, aggregated over tokens: @eq-grpo-loss."
     ratio = ratio_fn(logp, logp_old, mask)  # (B, T)
-    A = adv[:, None].to(logp.dtype)  # (B, 1)
+    A = (adv[:, None] if adv.dim() < logp.dim() else adv).to(logp.dtype)  # (B, 1), or (B, T): one per token (chapter turn_credit)
     obj, is_clipped = clipped_surrogate(ratio, A, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
     per_token = -obj  # (B, T)
     if ref_logp is not None and beta:

@@ -68,6 +68,7 @@ class Rollout:
     reward: torch.Tensor | None = None  # (B,) each episode's return, summed from the environment's rewards (None: the task scores completions)
     turns: torch.Tensor | None = None  # (B,) turns the policy took in each episode
     solved: torch.Tensor | None = None  # (B,) bool: the episode reached its goal
+    turn_reward: torch.Tensor | None = None  # (B, K) each turn's reward from the environment, 0 after a row's last turn (K: the most turns of any row)
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P+T)

@@ -353,6 +353,9 @@ def collect_rollouts(
     if ro.turns is not None:
         stats["turns/mean"] = ro.turns.float().mean().item()
         stats["frac_solved"] = ro.solved.float().mean().item()
+        stats["turns/total"] = ro.turns.sum().item()
+        if ro.turn_reward is not None:  # (B, K): the credit of chapter turn_credit reads it
+            batch["turn_reward"] = ro.turn_reward
     if reference and run.ref is not None:
         mask = ro.completion_mask
         with torch.no_grad():
@@ -386,6 +389,10 @@ class Batch(TypedDict, total=False):
     group_acc: torch.Tensor  # (B,) fraction of correct answers in the row's group (NFT)
     logp_sampler: torch.Tensor  # (B, T) log-probs under a sampler that lags the policy (chapter dense_credit)
     is_weight: torch.Tensor  # (B, T) the sampler correction's importance weights (chapter dense_credit)
+    turn_reward: torch.Tensor  # (B, K) each turn's reward, for episodes of an environment (chapter agents)
+    turn_mask: torch.Tensor  # (B, K) bool: the row played turn k (chapter turn_credit)
+    turn_state: torch.Tensor  # (B, K) position in input_ids of the last token before turn k, where a turn-level critic reads V(s_k)
+    turn_target: torch.Tensor  # (B, K) the turn-level critic's TD(lambda) targets (ArCHer)
     # preference pairs: one row per pair, completions `chosen`, `rejected` and (some methods) `kl`, `sample`, `reference_sample`
     chosen_input_ids: torch.Tensor  # (B, P+T) prompt and preferred completion (+ EOS)
     chosen_attention_mask: torch.Tensor  # (B, P+T)
@@ -661,6 +668,7 @@ METRICS = {  # name (a * matches one path part) -> meaning; the one glossary of 
     "frac_truncated": "fraction of completions that hit max_new_tokens without EOS",
     "turns/mean": "turns the policy took per episode of an environment (chapter agents)",
     "frac_solved": "fraction of an environment's episodes that reached their goal (chapter agents)",
+    "turns/total": "environment steps (turns) the step's collect played, all episodes together (chapter turn_credit compares methods at equal totals)",
     "frac_reward_zero_std": "fraction of groups whose G rewards are all equal: no group-relative signal",
     "frac_kept": "fraction of rows whose group a difficulty filter kept",
     "frac_selected": "fraction of tokens an entropy control selected (chapter entropy)",
@@ -683,7 +691,7 @@ METRICS = {  # name (a * matches one path part) -> meaning; the one glossary of 
     "is/weight_mean": "mean sampler-correction weight (chapter dense_credit)",
     "sapo/weight_mean": "mean soft gate of SAPO (chapter dense_credit)",
     # critic and reward models (chapters rlhf, reward_models, dense_credit)
-    "value/mean": "the critic's mean value over completion tokens at sampling time",
+    "value/mean": "the critic's mean value over completion tokens at sampling time (ArCHer: over the states of the turns)",
     "value/mse": "the critic's squared error against the lambda-returns",
     "vf_clipfrac": "fraction of tokens whose value the value clip stopped",
     "loss/policy": "the policy part of PPO's loss",
@@ -695,6 +703,10 @@ METRICS = {  # name (a * matches one path part) -> meaning; the one glossary of 
     "prm/reward_pos": "the implicit PRM's mean reward of correct answers",
     "prm/reward_neg": "the implicit PRM's mean reward of wrong answers",
     "prm/loss": "the implicit PRM's cross-entropy",
+    "igpo/belief": "the policy's mean belief in the true answer over the states of the step's episodes (chapter turn_credit)",
+    "igpo/gain": "IGPO's mean information-gain reward per turn (chapter turn_credit)",
+    "refuel/target_abs": "REFUEL's mean |return gap| of the two continuations of a state (chapter turn_credit)",
+    "refuel/resume_turn": "REFUEL's mean turn h at which the continuations start (chapter turn_credit)",
     # preference pairs (chapters reward_models, dpo, online_dpo)
     "rewards/chosen": "reward of the chosen completion: the reward model's score, or DPO's implicit beta log pi/pi_ref",
     "rewards/rejected": "the same for the rejected completion",
