@@ -111,10 +111,10 @@ def turn_values(
 class ArcherConfig(GRPOConfig):
     "Chapter grpo's clipped token loss on turn-level advantages from an utterance-level critic (ArCHer)."
     gamma: float = 1.0  # discount per turn
-    lam: float = 0.0  # TD(lambda) of the critic's targets and the advantages: 0 = one-step TD, as ArCHer
+    lam: float = 0.95  # TD(lambda) of the critic's targets and the advantages: 0 = one-step TD, as ArCHer (it misleads while the critic is young: the experiment)
     vf_coef: float = 0.5  # weight of the critic's squared TD error in the loss
     tau: float = 0.1  # the target critic moves this fraction of the way to the critic every step (Polyak; 1 = a copy)
-    critic_warmup: int = 20  # first steps that train the critic only (the policy waits for a critic that has learned something)
+    critic_warmup: int = 0  # first steps that train the critic only (the policy waits for a critic that has learned something)
     whiten: bool = True  # whiten the turn advantages over the batch's turns (mean 0, std 1), as chapter ppo does
 
 
