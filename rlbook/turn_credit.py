@@ -191,7 +191,7 @@ ARCHER = Method(
     loss=partial(pg_step, objective=archer_objective), setup=archer_setup, options=ArcherConfig(beta=0.0),
     defaults=dict(model="tiny-sft", task="guess_number", batch_size=256, group_size=8, lr=1e-4, steps=150,
                   max_new_tokens=4, eval_every=25, eval_n=500), multi_turn=True,
-    help="ArCHer: a turn-level critic trained by TD; every token of a turn gets its TD advantage")
+    help="ArCHer: a turn-level critic (TD with a Polyak target); every token of a turn gets its turn's TD(lambda) advantage")
 
 
 # %% ../nbs/81_turn_credit.ipynb #c8100021
