@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['ARCHER', 'IGPO', 'REFUEL', 'turn_index', 'turn_starts', 'broadcast_turns', 'episode_turns', 'turn_td_advantages',
-           'turn_values', 'ArcherConfig', 'polyak_update', 'TurnCritic', 'archer_setup', 'archer_advantage',
-           'archer_objective', 'answer_probability', 'information_gain_rewards', 'igpo_advantages', 'episode_answers',
-           'IGPOConfig', 'igpo_advantage', 'igpo_setup', 'refuel_loss', 'Resumed', 'turn_texts', 'REFUELConfig',
-           'refuel_setup', 'refuel_collect', 'refuel_objective']
+           'turn_values', 'ArcherConfig', 'polyak_update', 'TurnCritic', 'require_episodes', 'archer_setup',
+           'archer_advantage', 'archer_objective', 'answer_probability', 'information_gain_rewards', 'igpo_advantages',
+           'true_answer', 'episode_answers', 'IGPOConfig', 'igpo_advantage', 'igpo_setup', 'refuel_loss', 'Resumed',
+           'turn_texts', 'REFUELConfig', 'refuel_setup', 'refuel_collect', 'refuel_objective']
 
 # %% ../nbs/81_turn_credit.ipynb #c8100004
 import copy
@@ -22,7 +22,7 @@ from .grpo import GRPOConfig, grpo_objective
 from .logprobs import completion_logprobs, masked_whiten, position_ids_from_mask
 from .models import RLBookError, ValueHead, has_adapters
 from .ppo import gae_advantages
-from .reinforce import pg_collect, pg_step
+from .reinforce import discounted_returns, pg_collect, pg_step
 from .rollout import is_environment
 from .train import Method, Run, shard, step_seed, with_reference
 
@@ -141,13 +141,18 @@ class TurnCritic(torch.nn.Module):
         return self.critic(*args, **kwargs)
 
 
+def require_episodes(run: Run, method: str) -> None:
+    "RLBookError unless the run's task is an environment: this chapter's methods credit the turns of episodes."
+    if not is_environment(run.task):
+        raise RLBookError(f"{method} assigns credit to the turns of episodes; {run.task.name} has single completions "
+                          "(use grpo, or an environment task such as guess_number)")
+
+
 def archer_setup(
     run: Run,  # the run; run.options is an ArcherConfig
 ) -> dict:  # {'modules': {'value': TurnCritic}} (and 'ref' when beta > 0)
     "The utterance-level critic: a value head on its own copy of the starting policy (chapter rlhf's critic_from_policy)."
-    if not is_environment(run.task):
-        raise RLBookError(f"archer assigns credit to the turns of episodes; {run.task.name} has single completions "
-                          "(use grpo, or an environment task such as guess_number)")
+    require_episodes(run, "archer")
     if run.cfg.temperature <= 0:
         raise RLBookError("archer learns from sampled episodes: use temperature > 0")
     if not 0 < run.options.tau <= 1:
@@ -258,24 +263,23 @@ def igpo_advantages(
     mean = (r * m).sum(-1, keepdim=True) / n
     std = ((((r - mean) * m) ** 2).sum(-1, keepdim=True) / n).sqrt()
     z = ((r - mean) / (std + eps) * m).view(B, K)
-    adv, running = torch.zeros_like(z), torch.zeros(B, device=z.device)
-    for k in reversed(range(K)):
-        running = z[:, k] + gamma * running
-        adv[:, k] = running
-    return adv * turn_mask.float()
+    return discounted_returns(z, turn_mask.float(), gamma)  # chapter reinforce's reward-to-go, over turns
+
+
+def true_answer(task, seed: int) -> str:  # the answer of the task's episode `seed`
+    "The environment's `answer` after reset(seed); RLBookError naming the class when it sets none."
+    env = task.make_env()
+    env.reset(seed)
+    if getattr(env, "answer", None) is None:
+        raise RLBookError(f"igpo needs the true answer of each episode: {type(env).__name__} sets no `answer` in "
+                          "reset (chapter agents' TextEnv); use archer or grpo on it")
+    return env.answer
 
 
 def episode_answers(run: Run, batch: dict) -> list:  # B lists of token ids (the answer, then EOS)
-    "Each episode's true answer (its environment's `answer` after reset), tokenised as the policy would write it."
-    out = []
-    for ex in batch["examples"]:
-        env = run.task.make_env()
-        env.reset(dict(ex.meta)["seed"])
-        if getattr(env, "answer", None) is None:
-            raise RLBookError(f"igpo needs the true answer of each episode: {type(env).__name__} sets no `answer` in "
-                              "reset (chapter agents' TextEnv); use archer or grpo on it")
-        out.append(run.tokenizer(env.answer, add_special_tokens=False)["input_ids"] + [run.tokenizer.eos_token_id])
-    return out
+    "Each episode's true answer (`true_answer`), tokenised as the policy would write it."
+    return [run.tokenizer(true_answer(run.task, dict(ex.meta)["seed"]), add_special_tokens=False)["input_ids"]
+            + [run.tokenizer.eos_token_id] for ex in batch["examples"]]
 
 
 # %% ../nbs/81_turn_credit.ipynb #c8100025
@@ -301,16 +305,10 @@ def igpo_advantage(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B, T
 
 def igpo_setup(run: Run) -> dict:  # {} or {'ref': ...}
     "Checks: an environment task that knows its answers, and G >= 2 sampled episodes of each seed."
-    if not is_environment(run.task):
-        raise RLBookError(f"igpo assigns credit to the turns of episodes; {run.task.name} has single completions "
-                          "(use grpo, or an environment task such as guess_number)")
+    require_episodes(run, "igpo")
     if run.cfg.temperature <= 0 or run.cfg.group_size < 2:
         raise RLBookError("igpo compares G >= 2 sampled episodes of each seed: use temperature > 0 and group_size >= 2")
-    env = run.task.make_env()
-    env.reset(0)
-    if getattr(env, "answer", None) is None:
-        raise RLBookError(f"igpo needs the true answer of each episode: {type(env).__name__} sets no `answer` in reset "
-                          "(chapter agents' TextEnv); use archer or grpo on it")
+    true_answer(run.task, 0)  # fails now, in one line, for an environment without answers
     return with_reference(run) if run.options.beta > 0 else {}
 
 
@@ -394,9 +392,7 @@ class REFUELConfig:
 def refuel_setup(run: Run) -> dict:
     "Checks: an environment task, pairs of sampled continuations, and minibatches that keep each pair together."
     cfg = run.cfg
-    if not is_environment(run.task):
-        raise RLBookError(f"refuel resumes episodes at a later turn; {run.task.name} has single completions "
-                          "(use an environment task such as guess_number)")
+    require_episodes(run, "refuel")
     if cfg.group_size != 2 or cfg.temperature <= 0:
         raise RLBookError("refuel compares two sampled continuations of one state: use group_size 2 and temperature > 0")
     if cfg.epochs != 1 or cfg.minibatch_size not in (0, cfg.batch_size) or (cfg.batch_size // cfg.grad_accum) % 2:
