@@ -149,6 +149,9 @@ def play_episodes(
     prompts = [check_reset(env, s) for env, s in zip(envs, seeds)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     B, ctx, eos, pad = len(envs), model_context(model), tokenizer.eos_token_id, tokenizer.pad_token_id
+    if prompt_ids.shape[1] >= ctx:
+        raise RLBookError(f"a first observation of {prompt_ids.shape[1]} tokens leaves no room in the model's context of "
+                          f"{ctx} tokens; shorten the environment's first observation")
     was_training = model.training
     model.eval()
     attn = prompt_mask.clone()  # (B, columns so far) 1 = real token, the policy's or the environment's
@@ -160,9 +163,6 @@ def play_episodes(
     def feed(block: torch.Tensor, real: torch.Tensor) -> torch.Tensor:  # (B, w) columns through the cache -> (B, V)
         nonlocal past, attn
         attn = torch.cat([attn, real], 1)
-        if attn.shape[1] > ctx:
-            raise RLBookError(f"an episode reached the model's context of {ctx} tokens at turn {turn + 1}; lower "
-                              "max_turns or max_new_tokens, or shorten the environment's observations")
         o = model(input_ids=block, attention_mask=attn, position_ids=position_ids_from_mask(attn)[:, -block.shape[1]:],
                   past_key_values=past, use_cache=True)
         past = o.past_key_values
@@ -174,6 +174,8 @@ def play_episodes(
     for turn in range(max_turns):
         talking, said = live.clone(), [[] for _ in range(B)]  # rows still writing this turn; their tokens
         for t in range(max_new_tokens):
+            if attn.shape[1] >= ctx:  # the context is full: the turn ends here, as at max_new_tokens, and the episode after it
+                break
             # B x V exponentials every token, as in generate: a row's draws do not depend on when the others stop
             noise = torch.empty(B, V, device=device).exponential_(1, generator=generator) if temperature > 0 else None
             tok, lp = sample_token(logits, temperature, top_p, generator=generator, noise=noise)
@@ -203,6 +205,8 @@ def play_episodes(
         if not live.any():
             break
         w = max(len(x) for x in replies)
+        if attn.shape[1] + w >= ctx:  # no room for a reply and a token after it: the live episodes are cut (truncated)
+            break
         block = torch.full((B, w), pad, dtype=torch.long, device=device)
         real = torch.zeros(B, w, dtype=torch.long, device=device)
         for i, x in enumerate(replies):  # left-padded: every live row's last column is its reply's last token

@@ -74,8 +74,18 @@ def test_an_episode_is_cut_at_max_turns_and_at_the_context():
     ro = play_episodes(policy, tok, [GuessNumber(64, max_turns=3) for _ in range(4)], [0, 1, 2, 3], max_turns=3,
                        max_new_tokens=2, generator=torch.Generator().manual_seed(0))
     assert (ro.turns <= 3).all() and (ro.truncated == ~ro.solved).all()
-    with pytest.raises(RLBookError, match="context of 128"):
-        play_episodes(policy, tok, [GuessNumber(64, max_turns=60)], [0], max_turns=60, max_new_tokens=8)
+    ro = play_episodes(policy, tok, [GuessNumber(64, max_turns=60) for _ in range(3)], [0, 1, 2], max_turns=60,
+                       max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    assert ro.truncated.all() and (ro.turns < 60).all(), "cut where the context is full, well before max_turns"
+    assert ro.prompt_ids.shape[1] + ro.completion_ids.shape[1] <= 128, "the training pass can score every token"
+    assert ro.completion_mask.sum() > 0 and torch.equal(ro.turn_reward.sum(-1), ro.reward)
+
+    class Wordy(GuessNumber):  # a first observation longer than the context
+        def reset(self, seed):
+            super().reset(seed)
+            return "guess " * 200
+    with pytest.raises(RLBookError, match="first observation of .* context of 128"):
+        play_episodes(policy, tok, [Wordy(64)], [0], max_turns=3, max_new_tokens=2)
 
 
 # ---------------------------------------------------------------- the chapter's exercise, solved
