@@ -10,6 +10,7 @@ __all__ = ['ADV_SCALES', 'RATIOS', 'RL_DEFAULTS', 'SMALL_RECIPE', 'GRPO', 'DR_GR
            'nft_objective']
 
 # %% ../nbs/40_grpo.ipynb #d4b7a194
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -176,7 +177,9 @@ def difficulty_mask(
 ) -> torch.Tensor:  # (B,) bool: row kept
     "Rows of the groups kept by @eq-filter."
     acc = reward.view(-1, group_size).float().mean(-1).repeat_interleave(group_size)
-    keep = (acc >= acc_min - 1e-6) & (acc <= acc_max + 1e-6)
+    lo = acc_min if acc_min > 0 else -math.inf  # an end at 0 or 1 is no bound: rewards outside [0, 1] (a cost per
+    hi = acc_max if acc_max < 1 else math.inf  # tool call, a format term) keep their groups under the defaults
+    keep = (acc >= lo - 1e-6) & (acc <= hi + 1e-6)
     if drop_zero_std:
         keep &= ~zero_std_groups(reward, group_size)
     return keep

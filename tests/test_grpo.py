@@ -83,6 +83,10 @@ def test_filters_and_overlong():
     assert difficulty_mask(r, 4).view(-1, 4)[:, 0].tolist() == [False, True, False, True]
     assert difficulty_mask(r, 4, drop_zero_std=False, acc_min=0.3, acc_max=0.8).view(-1, 4)[:, 0].tolist() == [
         False, False, False, True]
+    shaped = torch.tensor([1.5, 1.3, 1.5, 1.3, -0.2, -0.2, 0.8, -0.2, 0.5, 0.3, 0.5, 0.5])  # a format term, a call cost
+    assert difficulty_mask(shaped, 4, drop_zero_std=False).all(), "the default band (0, 1) bounds nothing"
+    assert difficulty_mask(shaped, 4, drop_zero_std=False, acc_max=0.9).view(-1, 4)[:, 0].tolist() == [False, True, True]
+    assert difficulty_mask(shaped, 4, drop_zero_std=False, acc_min=0.1).view(-1, 4)[:, 0].tolist() == [True, False, True]
     L = torch.tensor([1, 5, 6, 7, 8])
     assert torch.allclose(overlong_penalty(L, 8, 3, penalty=0.5), torch.tensor([0., 0., -1 / 6, -1 / 3, -0.5]))
 
