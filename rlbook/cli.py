@@ -42,6 +42,7 @@ from .rollout import evaluate
 from .sft import SFT
 from .tasks import TASKS, get_task
 from .turn_credit import ARCHER, IGPO, REFUEL
+from . import tool_reward  # noqa: F401  (registers the task calculator_mix)
 from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, flag, read_metrics, resolve_model, train
 
 # %% ../nbs/99_cli.ipynb #b555a175

@@ -139,7 +139,7 @@ def chapter_map_svg() -> str:
     out.append(_arrow(x0 + chain_w / 2, yc, x0 + chain_w / 2, y0 + box_h + 24, dash="3 3"))
     xr = x0 + chain_w + 18
     for j, (band, what, chapters) in enumerate((("7x", "scaling up", "70 data · 71 LoRA"),
-                                                ("8x", "multi-turn", "80 agents · 81 turn credit"))):
+                                                ("8x", "multi-turn", "80 agents · 81 turn credit · 82 tool reward"))):
         y, bw = y0 + j * 70, w - xr - 8
         out.append(_box(xr, y, bw, box_h, "#fff", stroke="#999", dash="5 4")
                    + _text(xr + bw / 2, y + 20, f"{band}: {what}", fill="#555")
