@@ -21,7 +21,7 @@ from .logprobs import position_ids_from_mask
 from .models import RLBookError
 from .rollout import Rollout, check_sampling, encode_prompts, model_context, sample_token
 from .sft import TASK_WARM_STARTS, WARM_START, warm_start
-from .tasks import Addition, Example, Task, evaluate_expression, register_task
+from .tasks import Addition, Example, Task, check_probability, evaluate_expression, register_task
 
 
 # %% ../nbs/80_agents.ipynb #c8000007
@@ -398,8 +398,7 @@ class CalculatorTask(EnvTask):
     def __post_init__(self):
         super().__post_init__()
         Addition(min_digits=self.min_digits, max_digits=self.max_digits)  # checks the digit knobs
-        if isinstance(self.tool_rate, bool) or not isinstance(self.tool_rate, (int, float)) or not 0 <= self.tool_rate <= 1:
-            raise RLBookError(f"calculator: tool_rate must be a probability in [0, 1], got {self.tool_rate!r}")
+        check_probability("calculator", "tool_rate", self.tool_rate)
 
     def make_env(self) -> Calculator:
         return Calculator(self.min_digits, self.max_digits)
@@ -474,8 +473,7 @@ class LockTask(EnvTask):
         super().__post_init__()
         if isinstance(self.length, bool) or not isinstance(self.length, int) or not 1 <= self.length <= 4:
             raise RLBookError(f"lock: length must be an integer in [1, 4], got {self.length!r}")
-        if isinstance(self.memory, bool) or not isinstance(self.memory, (int, float)) or not 0 <= self.memory <= 1:
-            raise RLBookError(f"lock: memory must be a probability in [0, 1], got {self.memory!r}")
+        check_probability("lock", "memory", self.memory)
 
     def make_env(self) -> Lock:
         return Lock(self.length, max_turns=self.max_turns)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .models import RLBookError, rlbook_cache_dir
-from .tasks import Addition, Example, register_task
+from .tasks import Addition, Example, check_probability, register_task
 from .logprobs import completion_logprobs, token_mean
 from .rollout import encode_pairs
 from .train import MODEL_NAMES, Method, Run, TrainConfig, shard, step_seed, train
@@ -141,8 +141,7 @@ class SloppyAddition(Addition):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.slip, bool) or not isinstance(self.slip, (int, float)) or not 0 <= self.slip <= 1:
-            raise RLBookError(f"SloppyAddition: slip must be a probability in [0, 1], got {self.slip!r}")
+        check_probability("SloppyAddition", "slip", self.slip)
 
     def make_example(
         self,

@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['SPLITS', 'GSM8K_INSTRUCTION', 'SENTIMENT_PROMPTS', 'SENTIMENT_CONTINUATIONS', 'TASKS', 'Example', 'split_of',
            'check_split', 'Task', 'checked_reward', 'checked_rewards', 'extract_answer', 'answers_match', 'NumericTask',
-           'TwoOperands', 'Addition', 'Multiplication', 'FewShotAddition', 'evaluate_expression', 'expression_numbers',
-           'Countdown', 'StringTask', 'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K', 'Sentiment', 'get_task',
-           'register_task', 'PreferenceOracle', 'BradleyTerryOracle', 'length_class', 'CyclicOracle',
-           'preference_matrix']
+           'check_probability', 'TwoOperands', 'Addition', 'Multiplication', 'FewShotAddition', 'evaluate_expression',
+           'expression_numbers', 'Countdown', 'StringTask', 'Reverse', 'Sort', 'parse_gsm8k_answer', 'GSM8K',
+           'Sentiment', 'get_task', 'register_task', 'PreferenceOracle', 'BradleyTerryOracle', 'length_class',
+           'CyclicOracle', 'preference_matrix']
 
 # %% ../nbs/01_tasks.ipynb #75840cde
 import ast
@@ -254,6 +254,12 @@ def _check_int(task: str, name: str, value, low: int = 1) -> None:
     "RLBookError unless a difficulty knob is an integer (not a bool) >= low."
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise RLBookError(f"{task}: {name} must be an integer >= {low}, got {value!r}")
+
+
+def check_probability(task: str, name: str, value) -> None:
+    "RLBookError unless a knob is a probability: a number (not a bool) in [0, 1]."
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise RLBookError(f"{task}: {name} must be a probability in [0, 1], got {value!r}")
 
 
 def _check_digits(task: str, min_digits: int, max_digits: int) -> None:

@@ -17,7 +17,7 @@ from functools import partial
 from .agents import CALC_WARM_START, Calculator, CalculatorTask, TextEnv, ToolEnv, play_episodes
 from .models import RLBookError
 from .sft import TASK_WARM_STARTS, warm_start
-from .tasks import Addition, register_task
+from .tasks import Addition, check_probability, register_task
 
 
 # %% ../nbs/82_tool_reward.ipynb #c8200007
@@ -123,10 +123,8 @@ class ToolChoiceTask(CalculatorTask):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.easy_rate, bool) or not isinstance(self.easy_rate, (int, float)) or not 0 <= self.easy_rate <= 1:
-            raise RLBookError(f"calculator_mix: easy_rate must be a probability in [0, 1], got {self.easy_rate!r}")
-        if isinstance(self.recheck_rate, bool) or not isinstance(self.recheck_rate, (int, float)) or not 0 <= self.recheck_rate <= 1:
-            raise RLBookError(f"calculator_mix: recheck_rate must be a probability in [0, 1], got {self.recheck_rate!r}")
+        check_probability("calculator_mix", "easy_rate", self.easy_rate)
+        check_probability("calculator_mix", "recheck_rate", self.recheck_rate)
         if not isinstance(self.tool_reward, ToolReward):
             raise RLBookError(f"calculator_mix: tool_reward must be a ToolReward, got {type(self.tool_reward).__name__}")
 
