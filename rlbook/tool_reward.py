@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MIX_WARM_START', 'ToolReward', 'bare_number', 'RewardedTools', 'choice_returns', 'best_calls', 'MixedCalculator',
-           'ToolChoiceTask', 'tool_report']
+           'ToolChoiceTask', 'calculator_mix_cost', 'tool_report']
 
 # %% ../nbs/82_tool_reward.ipynb #c8200004
 import math
@@ -141,6 +141,15 @@ class ToolChoiceTask(CalculatorTask):
 register_task("calculator_mix", ToolChoiceTask)
 MIX_WARM_START = dict(CALC_WARM_START, task="calculator_mix")  # chapter agents' calculator recipe on these demonstrations
 TASK_WARM_STARTS["calculator_mix"] = partial(warm_start, recipe=MIX_WARM_START)  # `--model tiny-sft --task calculator_mix`
+
+
+def calculator_mix_cost(**knobs) -> ToolChoiceTask:  # `--task calculator_mix_cost`: the experiment's cost reward from a terminal
+    "`calculator_mix` paying correctness and charging 0.2 a call (the reward 'correct + cost' of the experiment below)."
+    return ToolChoiceTask(**{"tool_reward": ToolReward(call_cost=0.2), **knobs})  # same problems, same held-out split
+
+
+register_task("calculator_mix_cost", calculator_mix_cost)
+TASK_WARM_STARTS["calculator_mix_cost"] = TASK_WARM_STARTS["calculator_mix"]  # the same warm start: only the reward differs
 
 
 # %% ../nbs/82_tool_reward.ipynb #c8200014

@@ -220,9 +220,10 @@ def test_get_task():
     built_in = {"addition", "addition_fewshot", "multiplication", "countdown", "reverse", "sort", "gsm8k", "sentiment"}
     import rlbook.cli  # noqa: F401  imports every chapter; chapters 05, 11, 41, 70, 80 and 82 register their tasks on import
     assert set(TASKS) == built_in | {"arith_chain", "addition_sloppy", "addition_offset", "chat_addition",
-                                     "guess_number", "calculator", "lock", "calculator_mix"}
+                                     "guess_number", "calculator", "lock", "calculator_mix",
+                                     "calculator_mix_cost"}
     assert get_task("multiplication", max_digits=3) == Multiplication(max_digits=3)
-    with pytest.raises(RLBookError, match="valid names: addition, addition_fewshot, addition_offset, addition_sloppy, arith_chain, calculator, calculator_mix, chat_addition, countdown"):
+    with pytest.raises(RLBookError, match="valid names: addition, addition_fewshot, addition_offset, addition_sloppy, arith_chain, calculator, calculator_mix, calculator_mix_cost, chat_addition, countdown"):
         get_task("subtraction")
     with pytest.raises(RLBookError, match="bad arguments"):
         get_task("addition", digits=3)

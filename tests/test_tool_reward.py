@@ -144,6 +144,21 @@ def test_calculator_mix_trains_from_the_command_line(tmp_path):
     assert rows[0]["turns/total"] >= 32 and 1 <= rows[0]["turns/mean"] <= 3
 
 
+def test_calculator_mix_cost_is_calculator_mix_with_the_cost_reward():
+    task, base = get_task("calculator_mix_cost"), get_task("calculator_mix")
+    assert task.tool_reward == ToolReward(call_cost=0.2) and base.tool_reward == ToolReward()
+    assert get_task("calculator_mix_cost", easy_rate=0.3).easy_rate == 0.3  # its knobs are calculator_mix's
+    assert get_task("calculator_mix_cost", tool_reward=ToolReward(call_cost=0.1)).tool_reward.call_cost == 0.1
+    ex, ex_base = task.sample(8, seed=3, split="test"), base.sample(8, seed=3, split="test")
+    assert [e.prompt for e in ex] == [e.prompt for e in ex_base]  # the same problems, the same held-out split
+    env = task.make_env()
+    env.reset(5)
+    _, r, _ = env.step(f"calc:{env.example.prompt[:-1]}")  # a call is charged 0.2
+    assert r == pytest.approx(-0.2)
+    from rlbook.sft import TASK_WARM_STARTS
+    assert TASK_WARM_STARTS["calculator_mix_cost"] is TASK_WARM_STARTS["calculator_mix"]
+
+
 def played_return(terms: ToolReward, calls: int, right: bool, max_turns: int = 4) -> float:  # one scripted episode
     env = RewardedTools(MixedCalculator(), terms)
     env.reset(11)
