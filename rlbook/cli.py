@@ -27,6 +27,7 @@ from pathlib import Path
 from .agents import EnvTask
 from .classroom import build as build_student_editions, check as check_exercises, list_exercises
 from .data import PromptTask
+from .preference_data import read_pairs
 from .dense_credit import CISPO, GRPO_TIS, IMPLICIT_PRM, PRIME, SAPO
 from .dpo import CDPO, DPO, FDPO, IPO, KTO, RDPO, RPO, SIMPO
 from .entropy import GRPO_ENTROPY
@@ -304,11 +305,11 @@ def data_plan(
                               "learns from the pairs of --dataset")
         if options.pairs_path:
             raise RLBookError("--dataset and --pairs-path both name the pairs file: give one")
-        if not ds.endswith(".jsonl"):
-            raise RLBookError(f"--dataset {ds!r}: --method {method.name} reads its {{'prompt', 'chosen', 'rejected'}} "
-                              "pairs from a .jsonl file")
-        if not Path(ds).is_file():
-            raise RLBookError(f"--dataset {ds!r}: no such file")
+        try:  # read (and refused) now, before any model is loaded; the method's setup reads it again
+            read_pairs(ds)
+        except RLBookError as e:
+            raise RLBookError(f"--dataset: {e} (--method {method.name} learns from {{'prompt', 'chosen', 'rejected'}} "
+                              "records)") from None
         return None, dataclasses.replace(options, pairs_path=ds)
     return dataset_task(ds, fns, ws, ev), options
 

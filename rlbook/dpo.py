@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from .logprobs import completion_logprobs
 from .models import RLBookError
-from .preference_data import (PreferenceTask, TaskGold, encode_preferences, epoch_indices, gold_oracle,
-                                    make_preference_pairs, pair_logprobs, read_pairs, validate_pairs)
+from .preference_data import (RECORD_SUFFIXES, PreferenceTask, TaskGold, encode_preferences, epoch_indices,
+                                    gold_oracle, looks_like_path, make_preference_pairs, pair_logprobs, read_pairs,
+                                    validate_pairs)
 from .rollout import evaluate, generate, model_context
 from .sft import WARM_START_MODEL
 from .train import Method, Run, shard, with_reference, write_atomic
@@ -308,7 +309,7 @@ class DPOConfig:
     rpo_alpha: float = 1.0  # RPO: weight of the chosen answer's NLL
     kto_lambda_d: float = 1.0  # KTO: weight of desirable answers
     kto_lambda_u: float = 1.0  # KTO: weight of undesirable answers
-    pairs_path: str = ""  # JSONL of {prompt, chosen, rejected}; empty = sample pairs from the starting policy, label with the gold oracle
+    pairs_path: str = ""  # {prompt, chosen, rejected} records: a .jsonl/.json/.parquet/.csv file or a hub id, text or chat messages; empty = sample pairs from the starting policy, label with the gold oracle
     n_pairs: int = 4096  # size of the sampled dataset (pairs)
     oracle_beta: float = 0.1  # annotator temperature tau of the Bradley-Terry oracle on the gold reward
     label_noise: float = 0.0  # probability that the annotator's label is flipped
@@ -316,7 +317,7 @@ class DPOConfig:
     data_seed: int = 0  # seed of the sampled dataset (prompts, completions, labels)
 
     def check(self) -> None:
-        "RLBookError for a hyperparameter out of range or a pairs_path that is not a file (`check_dpo_options`)."
+        "RLBookError for a hyperparameter out of range or a pairs_path that names no file (`check_dpo_options`)."
         check_dpo_options(self)
 
 
@@ -333,9 +334,9 @@ def check_dpo_options(o: DPOConfig) -> None:
     for name in ("rpo_alpha", "kto_lambda_d", "kto_lambda_u"):
         if not getattr(o, name) >= 0:
             raise RLBookError(f"{name} must be >= 0 (a loss weight), got {getattr(o, name)}")
-    if o.pairs_path and not Path(o.pairs_path).is_file():
-        raise RLBookError(f"pairs_path {o.pairs_path!r}: " + ("is a folder, not a JSONL file" if Path(o.pairs_path).is_dir()
-                                                           else "no such file"))
+    if o.pairs_path and (Path(o.pairs_path).is_dir() or looks_like_path(o.pairs_path) and not Path(o.pairs_path).is_file()):
+        raise RLBookError(f"pairs_path {o.pairs_path!r}: " + (f"is a folder, not a {'/'.join(RECORD_SUFFIXES)} file"
+                                                           if Path(o.pairs_path).is_dir() else "no such file"))
     if not 0 <= o.label_smoothing <= 0.5 or not 0 <= o.flip_rate < 0.5 or not 0 <= o.label_noise <= 0.5:
         raise RLBookError("label_smoothing must be in [0, 0.5], flip_rate in [0, 0.5), label_noise in [0, 0.5]")
     if o.divergence not in F_DIVERGENCES:

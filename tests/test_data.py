@@ -69,7 +69,7 @@ def test_cli_dpo_reads_pairs_from_dataset(files, tmp_path, capsys):
      "2 reward weights for 1 reward functions"),
     (["--method", "dpo", "--dataset", "{d}/pairs.jsonl", "--reward-fn", "rlbook.data:answer_reward"],
      "--reward-fn is for methods that sample"),
-    (["--method", "dpo", "--dataset", "{d}/prompts.parquet"], "from a .jsonl file"),
+    (["--method", "dpo", "--dataset", "{d}/prompts.jsonl"], "prompts.jsonl, line 1: no field 'chosen'"),
 ])
 def test_cli_refuses_bad_data_in_one_line(files, argv, needle, tmp_path, capsys):
     d, _ = files
@@ -88,6 +88,32 @@ def test_reward_function_called_once_per_batch(files):
     ex = task.sample(12, seed=0)
     assert task.rewards(ex, [e.answer for e in ex]) == [1.0] * 12
     assert fn.__globals__["CALLS"] == [12]
+
+
+def test_dpo_reads_pairs_from_parquet_json_and_chat_messages(files, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from rlbook.dpo import DPO
+    d, _ = files
+    pairs = [json.loads(line) for line in (d / "pairs.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    rc = main(["train", "dpo", "--model", "tiny", "--dataset", str(tmp_path / "pairs.parquet"), "--steps", "1",
+               "--batch-size", "8", "--eval-every", "0", "--eval-n", "10", "--out", str(tmp_path / "pq"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert [json.loads(x) for x in (tmp_path / "pq" / "pairs.jsonl").read_text().splitlines()] == pairs
+    conv = [{"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    (tmp_path / "conv.json").write_text(json.dumps(conv))
+    policy, tok = load_policy("tiny")
+    tok.chat_template = TEMPLATE
+    cfg = DPO.config(model="tiny", steps=1, batch_size=8, eval_every=0, eval_n=5, out=str(tmp_path / "conv"), progress=False)
+    train(cfg, DPO, policy=policy, tokenizer=tok, options=DPO.options.__class__(pairs_path=str(tmp_path / "conv.json")))
+    kept = [json.loads(x) for x in (tmp_path / "conv" / "pairs.jsonl").read_text().splitlines()]
+    assert [(k["prompt"], k["chosen"], k["rejected"]) for k in kept] == [
+        (f"<user>{p['prompt']}\n<assistant>", p["chosen"], p["rejected"]) for p in pairs]  # rendered, EOS left to encoding
+    with pytest.raises(RLBookError, match="chat template"):  # the tiny model's own tokenizer has none
+        train(DPO.config(model="tiny", steps=1, batch_size=8, eval_every=0, out=str(tmp_path / "notemplate"), progress=False),
+              DPO, options=DPO.options.__class__(pairs_path=str(tmp_path / "conv.json")))
 
 
 def test_conversational_prompts_train_through_the_chat_template(files, tmp_path):
