@@ -27,7 +27,7 @@ from pathlib import Path
 from .agents import EnvTask
 from .classroom import build as build_student_editions, check as check_exercises, list_exercises
 from .data import PromptTask
-from .preference_data import read_pairs
+from .preference_data import read_preferences
 from .dense_credit import CISPO, GRPO_TIS, IMPLICIT_PRM, PRIME, SAPO
 from .dpo import CDPO, DPO, FDPO, IPO, KTO, RDPO, RPO, SIMPO
 from .entropy import GRPO_ENTROPY
@@ -306,10 +306,13 @@ def data_plan(
         if options.pairs_path:
             raise RLBookError("--dataset and --pairs-path both name the pairs file: give one")
         try:  # read (and refused) now, before any model is loaded; the method's setup reads it again
-            read_pairs(ds)
+            kind, _ = read_preferences(ds)
         except RLBookError as e:
             raise RLBookError(f"--dataset: {e} (--method {method.name} learns from {{'prompt', 'chosen', 'rejected'}} "
                               "records)") from None
+        if kind == "answers" and method.name != "kto":
+            raise RLBookError(f"--dataset {ds!r} holds unpaired {{'prompt', 'completion', 'label'}} records: they train "
+                              f"--method kto; --method {method.name} learns from {{'prompt', 'chosen', 'rejected'}} pairs")
         return None, dataclasses.replace(options, pairs_path=ds)
     return dataset_task(ds, fns, ws, ev), options
 

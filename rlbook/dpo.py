@@ -6,7 +6,7 @@
 __all__ = ['F_DIVERGENCES', 'OFFLINE_DEFAULTS', 'DPO', 'IPO', 'CDPO', 'RDPO', 'SIMPO', 'FDPO', 'RPO', 'KTO', 'pair_margin',
            'pair_stats', 'dpo_loss', 'population_pair_loss', 'fit_population', 'ipo_loss', 'cdpo_loss', 'rdpo_loss',
            'simpo_loss', 'reverse_kl_fprime', 'forward_kl_fprime', 'js_fprime', 'alpha_fprime', 'fdpo_loss', 'rpo_loss',
-           'kto_reference_point', 'kto_loss', 'DPOConfig', 'check_dpo_options', 'dpo_setup', 'simpo_setup',
+           'kto_reference_point', 'kto_loss', 'DPOConfig', 'check_dpo_options', 'dpo_setup', 'kto_setup', 'simpo_setup',
            'dpo_collect', 'kto_collect', 'dpo_step', 'ipo_step', 'cdpo_step', 'rdpo_step', 'fdpo_step', 'rpo_step',
            'simpo_step', 'kto_step', 'preference_eval']
 
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from .logprobs import completion_logprobs
 from .models import RLBookError
 from .preference_data import (RECORD_SUFFIXES, PreferenceTask, TaskGold, encode_preferences, epoch_indices,
-                                    gold_oracle, looks_like_path, make_preference_pairs, pair_logprobs, read_pairs,
-                                    validate_pairs)
+                                    gold_oracle, looks_like_path, make_preference_pairs, pair_logprobs,
+                                    read_preferences, validate_answers, validate_pairs)
 from .rollout import evaluate, generate, model_context
 from .sft import WARM_START_MODEL
 from .train import Method, Run, shard, with_reference, write_atomic
@@ -349,16 +349,21 @@ def check_dpo_options(o: DPOConfig) -> None:
 
 def dpo_setup(
     run: Run,  # the run (cfg: out, resume, max_new_tokens; options: a DPOConfig; the policy as loaded; the task)
-) -> dict:  # {'ref': frozen starting policy, 'task': PreferenceTask with the pairs}
+    unpaired: bool = False,  # accept unpaired {prompt, completion, label} records (KTO only)
+) -> dict:  # {'ref': frozen starting policy, 'task': PreferenceTask with the pairs (or answers)}
     "Reference policy and preference dataset (read from pairs_path, from out/pairs.jsonl on resume, or sampled)."
     o, cfg, tok = run.options, run.cfg, run.tokenizer
     cache = Path(cfg.out) / "pairs.jsonl"
-    records = (read_pairs(o.pairs_path) if o.pairs_path else  # read (and refused) before any pair is sampled
-               read_pairs(cache) if cfg.resume and cache.exists() else None)
+    source = o.pairs_path or (cache if cfg.resume and cache.exists() else None)
+    kind, records = read_preferences(source) if source else (None, None)  # read (and refused) before any pair is sampled
+    if kind == "answers" and not unpaired:
+        raise RLBookError(f"{source}: unpaired {{prompt, completion, label}} records train KTO only (--method kto); "
+                          "this method learns from {prompt, chosen, rejected} pairs")
     ref = with_reference(run)["ref"]  # a frozen copy, or the base with adapters off under --use-peft
     base = run.task
     if records is not None:
-        pairs, stats = validate_pairs(records, tok, context=model_context(ref))
+        check = validate_answers if kind == "answers" else validate_pairs
+        pairs, stats = check(records, tok, context=model_context(ref))
     else:
         oracle = gold_oracle(base, beta=o.oracle_beta, label_noise=o.label_noise, partial=o.gold_partial)
         pairs, stats = make_preference_pairs(ref, tok, base, oracle, o.n_pairs, seed=o.data_seed,
@@ -366,6 +371,11 @@ def dpo_setup(
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, "".join(json.dumps(p) + "\n" for p in pairs))  # a kill leaves no half-written file
     return {"ref": ref, "task": PreferenceTask(base, pairs, stats)}
+
+
+def kto_setup(run: Run) -> dict:  # as dpo_setup; unpaired answers allowed
+    "dpo_setup that also reads unpaired {prompt, completion, label} records: KTO needs no pairs."
+    return dpo_setup(run, unpaired=True)
 
 
 def simpo_setup(run: Run) -> dict:  # {'task': PreferenceTask}: SimPO keeps no reference
@@ -381,8 +391,14 @@ def _collect(run: Run, with_kl: bool) -> tuple[dict, dict]:
         raise RLBookError("offline preference methods need the PreferenceTask that their setup() builds: "
                           "call train(cfg, M)")
     items = shard([task.pairs[i] for i in epoch_indices(len(task.pairs), run.cfg.batch_size, run.step, run.cfg.seed)], run)
-    batch = encode_preferences(run.tokenizer, items, device=run.device, with_kl=with_kl)
-    names = ("chosen", "rejected", "kl") if with_kl else ("chosen", "rejected")
+    if "label" in items[0]:  # unpaired answers (KTO only): one row each, its label, the next row's answer as mismatch
+        answers = [{"prompt": a["prompt"], "answer": a["completion"]} for a in items]
+        batch = encode_preferences(run.tokenizer, answers, device=run.device, with_kl=True, names=("answer",))
+        batch["label"] = torch.tensor([a["label"] for a in items], device=run.device)
+        names = ("answer", "kl")
+    else:
+        batch = encode_preferences(run.tokenizer, items, device=run.device, with_kl=with_kl)
+        names = ("chosen", "rejected", "kl") if with_kl else ("chosen", "rejected")
     if run.ref is not None:
         with torch.no_grad():
             ref = pair_logprobs(run.ref, batch, names)
@@ -463,6 +479,11 @@ def simpo_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
 def kto_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     "@eq-kto: each pair gives one desirable (chosen) and one undesirable (rejected) answer; z0 from @eq-kto-z0."
     o = run.options
+    if "answer_input_ids" in mb:  # unpaired answers: each is desirable or not by its own label
+        lp = _policy(run, mb, ("answer", "kl"))
+        z0 = kto_reference_point(lp["kl_logp"], mb["ref_kl_logp"])
+        return kto_loss(lp["answer_logp"], mb["ref_answer_logp"], mb["label"], z0, beta=o.beta, lambda_d=o.kto_lambda_d,
+                        lambda_u=o.kto_lambda_u, n_seqs=mb["n_seqs"])
     lp = _policy(run, mb, ("chosen", "rejected", "kl"))
     z0 = kto_reference_point(lp["kl_logp"], mb["ref_kl_logp"])
     logp = torch.cat([lp["chosen_logp"], lp["rejected_logp"]])
@@ -501,7 +522,7 @@ FDPO = Method(name="fdpo", collect=dpo_collect, loss=fdpo_step, setup=dpo_setup,
 RPO = Method(name="rpo", collect=dpo_collect, loss=rpo_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
              options=DPOConfig(rpo_alpha=1.0), help="RPO: DPO plus the NLL of the chosen answer",
              option_help={"rpo_alpha": "weight of the chosen answer's token-mean NLL added to the DPO loss"})
-KTO = Method(name="kto", collect=kto_collect, loss=kto_step, setup=dpo_setup, defaults=dict(OFFLINE_DEFAULTS),
+KTO = Method(name="kto", collect=kto_collect, loss=kto_step, setup=kto_setup, defaults=dict(OFFLINE_DEFAULTS),
              options=DPOConfig(), help="KTO: unpaired desirable/undesirable answers against a KL reference point",
              option_help={"kto_lambda_d": "KTO's lambda_D: weight of the desirable answers (each pair's chosen one)",
                           "kto_lambda_u": "KTO's lambda_U: weight of the undesirable answers (each pair's rejected one)"})

@@ -409,9 +409,14 @@ class Batch(TypedDict, total=False):
     reference_sample_input_ids: torch.Tensor  # (B, P+T) prompt and a sample of the reference policy (XPO)
     reference_sample_attention_mask: torch.Tensor  # (B, P+T)
     reference_sample_completion_mask: torch.Tensor  # (B, T)
+    answer_input_ids: torch.Tensor  # (B, P+T) prompt and an unpaired answer (KTO on {prompt, completion, label} records)
+    answer_attention_mask: torch.Tensor  # (B, P+T)
+    answer_completion_mask: torch.Tensor  # (B, T)
+    label: torch.Tensor  # (B,) bool: the unpaired answer is desirable (KTO)
     ref_chosen_logp: torch.Tensor  # (B,) sequence log-prob of the chosen completion under the reference
     ref_rejected_logp: torch.Tensor  # (B,) ... of the rejected one
     ref_kl_logp: torch.Tensor  # (B,) ... of the mismatched one (KTO)
+    ref_answer_logp: torch.Tensor  # (B,) ... of the unpaired answer (KTO on {prompt, completion, label} records)
     ref_sample_logp: torch.Tensor  # (B,) ... of the policy's sample (HyPO)
     weight: torch.Tensor  # (B,) weight of each pair in the loss (0: the two completions are identical)
     # general preferences (chapter nash): one row per prompt, its G completions along dim 1

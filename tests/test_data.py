@@ -116,6 +116,45 @@ def test_dpo_reads_pairs_from_parquet_json_and_chat_messages(files, tmp_path, ca
               DPO, options=DPO.options.__class__(pairs_path=str(tmp_path / "conv.json")))
 
 
+def test_kto_trains_on_unpaired_answers_and_other_methods_refuse_them(files, tmp_path, capsys):
+    import torch
+
+    from rlbook.dpo import KTO, kto_loss, kto_reference_point
+    from rlbook.preference_data import epoch_indices, pair_logprobs
+    from rlbook.train import build_run
+    d, _ = files
+    pairs = [json.loads(line) for line in (d / "pairs.jsonl").read_text().splitlines()]
+    rows = [(p["prompt"], c, lab) for p in pairs for c, lab in ((p["chosen"], "true"), (p["rejected"], "0"))]
+    (tmp_path / "answers.csv").write_text("prompt,completion,label\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    rc = main(["train", "kto", "--model", "tiny", "--dataset", str(tmp_path / "answers.csv"), "--steps", "2",
+               "--batch-size", "8", "--eval-every", "0", "--eval-n", "10", "--out", str(tmp_path / "kto"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    kept = [json.loads(x) for x in (tmp_path / "kto" / "pairs.jsonl").read_text().splitlines()]
+    assert [(k["prompt"], k["completion"], k["label"]) for k in kept] == [(a, b, c == "true") for a, b, c in rows]
+    first = read_metrics(tmp_path / "kto" / "metrics.jsonl")[0]
+    assert first["answers/kept"] == 128 and first["answers/desirable"] == 64
+    # the step's loss is KTO's on each answer with its own label, the next answer as the mismatch (naive transcription)
+    cfg = KTO.config(model="tiny", steps=1, batch_size=8, eval_n=5, out=str(tmp_path / "one"), progress=False, device="cpu")
+    run = build_run(cfg, KTO, options=KTO.options.__class__(pairs_path=str(tmp_path / "answers.csv"), beta=0.3))
+    with torch.no_grad():
+        for p in run.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # the policy leaves the reference, so the loss depends on both
+    batch, _ = KTO.collect(run)
+    loss, _ = KTO.loss(run, dict(batch, n_seqs=8, n_tokens=0.0))
+    items = [run.task.pairs[i] for i in epoch_indices(len(run.task.pairs), 8, 0, cfg.seed)]
+    assert batch["label"].tolist() == [a["label"] for a in items]
+    with torch.no_grad():
+        lp, ref = pair_logprobs(run.policy, batch, ("answer", "kl")), pair_logprobs(run.ref, batch, ("answer", "kl"))
+        z0 = kto_reference_point(lp["kl_logp"], ref["kl_logp"])
+        want, _ = kto_loss(lp["answer_logp"], ref["answer_logp"], torch.tensor([a["label"] for a in items]), z0, beta=0.3)
+    assert "chosen_input_ids" not in batch and abs(loss.item() - want.item()) < 1e-5
+    out = tmp_path / "dpo-never"
+    rc = main(["train", "dpo", "--model", "tiny", "--dataset", str(tmp_path / "answers.csv"), "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds unpaired" in err and "--method kto" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_conversational_prompts_train_through_the_chat_template(files, tmp_path):
     _, recs = files
     policy, tok = load_policy("tiny")
