@@ -524,8 +524,8 @@ RPO = Method(name="rpo", collect=dpo_collect, loss=rpo_step, setup=dpo_setup, de
              option_help={"rpo_alpha": "weight of the chosen answer's token-mean NLL added to the DPO loss"})
 KTO = Method(name="kto", collect=kto_collect, loss=kto_step, setup=kto_setup, defaults=dict(OFFLINE_DEFAULTS),
              options=DPOConfig(), help="KTO: unpaired desirable/undesirable answers against a KL reference point",
-             option_help={"kto_lambda_d": "KTO's lambda_D: weight of the desirable answers (each pair's chosen one)",
-                          "kto_lambda_u": "KTO's lambda_U: weight of the undesirable answers (each pair's rejected one)"})
+             option_help={"kto_lambda_d": "KTO's lambda_D: weight of the desirable answers (each pair's chosen one, or those labelled true)",
+                          "kto_lambda_u": "KTO's lambda_U: weight of the undesirable answers (each pair's rejected one, or those labelled false)"})
 
 
 # %% ../nbs/30_dpo.ipynb #7f27f3f7
