@@ -756,8 +756,8 @@ def train_help(
     data = p.add_argument_group("your own data and rewards (chapter `data`)")
     data.add_argument("--dataset", "--dataset-name", metavar="PATH_OR_ID",
                       help="prompts, records {'prompt', ...} in a .jsonl, .json, .parquet or .csv file or a hub id, "
-                           "instead of --task; for the offline preference methods, the .jsonl file of "
-                           "{'prompt', 'chosen', 'rejected'} pairs")
+                           "instead of --task; for the offline preference methods, {'prompt', 'chosen', 'rejected'} "
+                           "pairs (KTO: also unpaired {'prompt', 'completion', 'label'} answers) in the same forms")
     data.add_argument("--eval-dataset", metavar="PATH_OR_ID",
                       help="held-out prompts (default: one prompt in ten of --dataset, by checksum)")
     data.add_argument("--reward-fn", "--reward-funcs", metavar="MODULE:FUNCTION",
