@@ -298,8 +298,11 @@ def evaluate(
         ex = examples[i: i + batch_size]
         ro = play(model, tokenizer, task, ex, max_new_tokens=max_new_tokens, temperature=temperature, generator=g)
         if ro.reward is None:
-            correct += [task.is_correct(e, c) for e, c in zip(ex, ro.completions)]
-            rewards += checked_rewards(task, ex, ro.completions)
+            rw = checked_rewards(task, ex, ro.completions)
+            corrects = getattr(task, "corrects", None)  # Task's; a duck-typed task may lack it
+            correct += (corrects(ex, ro.completions, rw) if corrects else
+                        [task.is_correct(e, c) for e, c in zip(ex, ro.completions)])
+            rewards += rw
         else:  # an environment's episodes: its goal, its return, and how many turns they took (chapter agents)
             correct += ro.solved.tolist()
             rewards += ro.reward.tolist()

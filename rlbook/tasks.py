@@ -129,6 +129,15 @@ class Task:
             raise RLBookError(f"got {len(examples)} examples but {len(completions)} completions")
         return [self.reward(e, c) for e, c in zip(examples, completions)]
 
+    def corrects(
+        self,
+        examples: list,  # B `Example`s
+        completions: list,  # B completion strings
+        rewards: list,  # their B rewards, already computed (`checked_rewards`)
+    ) -> list:  # B bools
+        "`is_correct` for each pair; a task whose correctness follows from its reward overrides this to read `rewards`."
+        return [self.is_correct(e, c) for e, c in zip(examples, completions)]
+
     def with_tokenizer(
         self,
         tokenizer,  # the policy's tokenizer

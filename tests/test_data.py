@@ -88,6 +88,10 @@ def test_reward_function_called_once_per_batch(files):
     ex = task.sample(12, seed=0)
     assert task.rewards(ex, [e.answer for e in ex]) == [1.0] * 12
     assert fn.__globals__["CALLS"] == [12]
+    fn.__globals__["CALLS"].clear()
+    policy, tok = load_policy("tiny")
+    res = evaluate(policy, tok, task, n=12, max_new_tokens=4, batch_size=8)  # correctness read from the batch's rewards
+    assert fn.__globals__["CALLS"] == [8, 4] and res["accuracy"] == res["reward"]  # 0/1 rewards, success 1.0
 
 
 def test_dpo_reads_pairs_from_parquet_json_and_chat_messages(files, tmp_path, capsys):
