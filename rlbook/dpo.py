@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from .logprobs import completion_logprobs
 from .models import RLBookError
-from .preference_data import (RECORD_SUFFIXES, PreferenceTask, TaskGold, encode_preferences, epoch_indices,
-                                    gold_oracle, looks_like_path, make_preference_pairs, pair_logprobs,
-                                    read_preferences, validate_answers, validate_pairs)
+from .preference_data import (PreferenceTask, TaskGold, encode_preferences, epoch_indices, gold_oracle,
+                                    make_preference_pairs, pair_logprobs, read_preferences, source_problem,
+                                    validate_answers, validate_pairs)
 from .rollout import evaluate, generate, model_context
 from .sft import WARM_START_MODEL
 from .train import Method, Run, shard, with_reference, write_atomic
@@ -334,9 +334,9 @@ def check_dpo_options(o: DPOConfig) -> None:
     for name in ("rpo_alpha", "kto_lambda_d", "kto_lambda_u"):
         if not getattr(o, name) >= 0:
             raise RLBookError(f"{name} must be >= 0 (a loss weight), got {getattr(o, name)}")
-    if o.pairs_path and (Path(o.pairs_path).is_dir() or looks_like_path(o.pairs_path) and not Path(o.pairs_path).is_file()):
-        raise RLBookError(f"pairs_path {o.pairs_path!r}: " + (f"is a folder, not a {'/'.join(RECORD_SUFFIXES)} file"
-                                                           if Path(o.pairs_path).is_dir() else "no such file"))
+    problem = source_problem(o.pairs_path) if o.pairs_path else None
+    if problem:
+        raise RLBookError(f"pairs_path {o.pairs_path!r}: {problem}")
     if not 0 <= o.label_smoothing <= 0.5 or not 0 <= o.flip_rate < 0.5 or not 0 <= o.label_noise <= 0.5:
         raise RLBookError("label_smoothing must be in [0, 0.5], flip_rate in [0, 0.5), label_noise in [0, 0.5]")
     if o.divergence not in F_DIVERGENCES:
@@ -481,16 +481,15 @@ def kto_step(run: Run, mb: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
     o = run.options
     if "answer_input_ids" in mb:  # unpaired answers: each is desirable or not by its own label
         lp = _policy(run, mb, ("answer", "kl"))
-        z0 = kto_reference_point(lp["kl_logp"], mb["ref_kl_logp"])
-        return kto_loss(lp["answer_logp"], mb["ref_answer_logp"], mb["label"], z0, beta=o.beta, lambda_d=o.kto_lambda_d,
-                        lambda_u=o.kto_lambda_u, n_seqs=mb["n_seqs"])
-    lp = _policy(run, mb, ("chosen", "rejected", "kl"))
+        logp, ref, des, n = lp["answer_logp"], mb["ref_answer_logp"], mb["label"], mb["n_seqs"]
+    else:
+        lp = _policy(run, mb, ("chosen", "rejected", "kl"))
+        logp = torch.cat([lp["chosen_logp"], lp["rejected_logp"]])
+        ref = torch.cat([mb["ref_chosen_logp"], mb["ref_rejected_logp"]])
+        des = torch.arange(logp.shape[0], device=logp.device) < lp["chosen_logp"].shape[0]
+        n = 2 * mb["n_seqs"]
     z0 = kto_reference_point(lp["kl_logp"], mb["ref_kl_logp"])
-    logp = torch.cat([lp["chosen_logp"], lp["rejected_logp"]])
-    ref = torch.cat([mb["ref_chosen_logp"], mb["ref_rejected_logp"]])
-    des = torch.arange(logp.shape[0], device=logp.device) < lp["chosen_logp"].shape[0]
-    return kto_loss(logp, ref, des, z0, beta=o.beta, lambda_d=o.kto_lambda_d, lambda_u=o.kto_lambda_u,
-                    n_seqs=2 * mb["n_seqs"])
+    return kto_loss(logp, ref, des, z0, beta=o.beta, lambda_d=o.kto_lambda_d, lambda_u=o.kto_lambda_u, n_seqs=n)
 
 
 OFFLINE_DEFAULTS = dict(model=WARM_START_MODEL, task="addition", steps=100, batch_size=32, lr=1e-5, max_new_tokens=8,

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['RECORD_SUFFIXES', 'PAIR_FIELDS', 'ANSWER_FIELDS', 'TaskGold', 'register_examples', 'gold_oracle', 'label_pairs',
-           'looks_like_path', 'load_records', 'check_prompt', 'is_conversational', 'render_prompt', 'validate_pairs',
-           'read_pairs', 'render_pair', 'read_answers', 'read_preferences', 'validate_answers', 'make_preference_pairs',
-           'PreferenceTask', 'epoch_indices', 'encode_preferences', 'pair_logprobs']
+           'looks_like_path', 'source_problem', 'load_records', 'check_prompt', 'is_conversational', 'render_prompt',
+           'validate_pairs', 'read_pairs', 'render_pair', 'read_answers', 'read_preferences', 'validate_answers',
+           'make_preference_pairs', 'PreferenceTask', 'epoch_indices', 'encode_preferences', 'pair_logprobs']
 
 # %% ../nbs/06_preference_data.ipynb #a0600004
 import csv
@@ -153,43 +153,41 @@ def looks_like_path(source: str) -> bool:  # a file name rather than a hub id ('
     return source.lower().endswith(RECORD_SUFFIXES) or source.startswith((".", "/", "~")) or "\\" in source
 
 
-def load_records(
-    source,  # a file path, a datasets.Dataset, a list of dicts, or a hub id ('user/name')
-    *,
-    required: tuple = (),  # fields every record must have
-    checks: dict | None = None,  # {field: f(value) -> None or a complaint}, run on every record that has the field
-    split: str = "train",  # the split of a hub dataset (or a DatasetDict)
-) -> list:  # the records, as dicts
-    "Records from a file, a dataset or a list; RLBookError naming the file, line and field of the first bad one."
-    if isinstance(source, Path):
-        source = str(source)
+def source_problem(source: str) -> str | None:  # None if `source` may be read: a file, or a hub id
+    "What is wrong with a named source before it is read: a folder, or a file name that names no file."
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return f"is a folder, not a {'/'.join(RECORD_SUFFIXES)} file"
+    return "no such file" if looks_like_path(source) and not path.is_file() else None
+
+
+def _read_records(source, split: str) -> tuple[list, list]:  # (records, where each came from), not yet checked
     if isinstance(source, str):
+        problem = source_problem(source)
+        if problem:
+            raise RLBookError(f"{source!r}: {problem}")
         path = Path(source).expanduser()
-        if path.is_dir():
-            raise RLBookError(f"{source!r} is a folder; give a {', '.join(RECORD_SUFFIXES)} file")
         if path.is_file():
-            records, where = _read_file(path)
-        elif looks_like_path(source):
-            raise RLBookError(f"{source!r}: no such file")
-        else:
-            try:
-                from datasets import load_dataset  # optional: only a hub id needs it
-                records = list(load_dataset(source, split=split))
-            except Exception as e:
-                raise RLBookError(f"could not load the dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                  "a hub id needs the network or the local cache, a file needs one of the suffixes "
-                                  f"{', '.join(RECORD_SUFFIXES)}") from None
-            where = [f"{source} ({split}), row {i + 1}" for i in range(len(records))]
-    elif isinstance(source, dict) and all(hasattr(v, "column_names") for v in source.values()):  # a DatasetDict
+            return _read_file(path)
+        try:
+            from datasets import load_dataset  # optional: only a hub id needs it
+            records = list(load_dataset(source, split=split))
+        except Exception as e:
+            raise RLBookError(f"could not load the dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "a hub id needs the network or the local cache, a file needs one of the suffixes "
+                              f"{', '.join(RECORD_SUFFIXES)}") from None
+        return records, [f"{source} ({split}), row {i + 1}" for i in range(len(records))]
+    if isinstance(source, dict) and all(hasattr(v, "column_names") for v in source.values()):  # a DatasetDict
         if split not in source:
             raise RLBookError(f"the dataset has no split {split!r} (splits: {', '.join(source)})")
-        return load_records(source[split], required=required, checks=checks)
-    elif hasattr(source, "column_names") or isinstance(source, (list, tuple)):  # a datasets.Dataset, or records
-        records = list(source)
-        where = [f"record {i}" for i in range(len(records))]
-    else:
-        raise RLBookError(f"cannot read records from a {type(source).__name__}; give a file path, a hub id, "
-                          "a datasets.Dataset or a list of dicts")
+        source = source[split]
+    if hasattr(source, "column_names") or isinstance(source, (list, tuple)):  # a datasets.Dataset, or records
+        return list(source), [f"record {i}" for i in range(len(source))]
+    raise RLBookError(f"cannot read records from a {type(source).__name__}; give a file path, a hub id, "
+                      "a datasets.Dataset or a list of dicts")
+
+
+def _checked_records(records: list, where: list, source, required: tuple, checks: dict | None) -> list:
     if not records:
         raise RLBookError(f"{source if isinstance(source, str) else 'the records'}: has no records")
     for rec, at in zip(records, where):
@@ -205,6 +203,18 @@ def load_records(
                 if complaint:
                     raise RLBookError(f"{at}: field {k!r} {complaint}")
     return records
+
+
+def load_records(
+    source,  # a file path, a datasets.Dataset, a list of dicts, or a hub id ('user/name')
+    *,
+    required: tuple = (),  # fields every record must have
+    checks: dict | None = None,  # {field: f(value) -> None or a complaint}, run on every record that has the field
+    split: str = "train",  # the split of a hub dataset (or a DatasetDict)
+) -> list:  # the records, as dicts
+    "Records from a file, a dataset or a list; RLBookError naming the file, line and field of the first bad one."
+    source = str(source) if isinstance(source, Path) else source
+    return _checked_records(*_read_records(source, split), source, required, checks)
 
 
 def check_prompt(value) -> str | None:  # None if `value` is a prompt, else what is wrong with it
@@ -241,6 +251,13 @@ def render_prompt(
 PAIR_FIELDS = ("prompt", "chosen", "rejected")  # the fields every preference record must have
 
 
+
+def _too_long(tokenizer, prompt: str, replies: tuple, context: int) -> bool:
+    "Whether the prompt, the longest reply and its EOS would not fit the model's context."
+    n_tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (prompt, *replies)]
+    return n_tokens[0] + 1 + max(n_tokens[1:]) > context
+
+
 def validate_pairs(
     pairs: list,  # records {'prompt', 'chosen', 'rejected'}: text, or chat messages (extra fields are kept)
     tokenizer,  # the policy's tokenizer, to measure lengths and render conversational records
@@ -267,8 +284,7 @@ def validate_pairs(
             counts["skipped/identical"] += 1
         elif not p["chosen"].strip() or not p["rejected"].strip():
             counts["skipped/empty"] += 1
-        elif len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) + 1 + max(
-                len(tokenizer(p[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected")) > ctx:
+        elif _too_long(tokenizer, p["prompt"], (p["chosen"], p["rejected"]), ctx):
             counts["skipped/too_long"] += 1
         else:
             kept.append(p)
@@ -284,12 +300,15 @@ def _pair_field(value) -> str | None:  # None if `value` is a completion: text, 
     return f"must be a string (or a list of chat messages), got {type(value).__name__}"
 
 
+_PAIR_CHECKS = {k: _pair_field for k in PAIR_FIELDS}
+
+
 def read_pairs(
     source,  # a .jsonl/.json/.parquet/.csv file, a datasets.Dataset, a list of dicts, or a hub id
     split: str = "train",  # the split of a hub dataset
 ) -> list:  # the records, as read (conversational ones as messages: `render_pair` makes them text)
     "Preference records {prompt, chosen, rejected} from any source `load_records` reads; RLBookError naming the line and field."
-    return load_records(source, required=PAIR_FIELDS, checks={k: _pair_field for k in PAIR_FIELDS}, split=split)
+    return load_records(source, required=PAIR_FIELDS, checks=_PAIR_CHECKS, split=split)
 
 
 def render_pair(
@@ -335,25 +354,32 @@ def _label(value) -> str | None:  # None if `value` reads as desirable / undesir
     return None if ok else f"must be true or false (or 1 or 0), got {value!r}"
 
 
+def _with_bool_labels(records: list) -> list:  # checked answer records, each label as a bool
+    return [dict(r, label=_LABELS[_label_key(r["label"])]) for r in records]
+
+
+_ANSWER_CHECKS = {"prompt": _pair_field, "completion": _pair_field, "label": _label}
+
+
 def read_answers(
     source,  # any source load_records reads
     split: str = "train",  # the split of a hub dataset
 ) -> list:  # the records, labels as bools
     "Unpaired records {prompt, completion, label} (KTO's data); RLBookError naming the line and field of a bad one."
-    recs = load_records(source, required=ANSWER_FIELDS, split=split,
-                        checks={"prompt": _pair_field, "completion": _pair_field, "label": _label})
-    return [dict(r, label=_LABELS[_label_key(r["label"])]) for r in recs]
+    return _with_bool_labels(load_records(source, required=ANSWER_FIELDS, checks=_ANSWER_CHECKS, split=split))
 
 
 def read_preferences(
     source,  # any source load_records reads
     split: str = "train",  # the split of a hub dataset
 ) -> tuple[str, list]:  # ('pairs', records of read_pairs) or ('answers', records of read_answers)
-    "Paired {prompt, chosen, rejected} or unpaired {prompt, completion, label} records: whichever the source holds."
-    first = load_records(source, split=split)[0]
+    "Paired {prompt, chosen, rejected} or unpaired {prompt, completion, label} records: whichever the source holds (read once)."
+    source = str(source) if isinstance(source, Path) else source
+    records, where = _read_records(source, split)
+    first = records[0] if records else None
     if isinstance(first, dict) and "chosen" not in first and {"completion", "label"} <= set(first):
-        return "answers", read_answers(source, split)
-    return "pairs", read_pairs(source, split)
+        return "answers", _with_bool_labels(_checked_records(records, where, source, ANSWER_FIELDS, _ANSWER_CHECKS))
+    return "pairs", _checked_records(records, where, source, PAIR_FIELDS, _PAIR_CHECKS)
 
 
 def validate_answers(
@@ -377,8 +403,7 @@ def validate_answers(
                               f"{', '.join(type(a[k]).__name__ for k in ANSWER_FIELDS)}")
         if not a["completion"].strip():
             counts["skipped/empty"] += 1
-        elif len(tokenizer(a["prompt"], add_special_tokens=False)["input_ids"]) + 1 + len(
-                tokenizer(a["completion"], add_special_tokens=False)["input_ids"]) > ctx:
+        elif _too_long(tokenizer, a["prompt"], (a["completion"],), ctx):
             counts["skipped/too_long"] += 1
         else:
             kept.append(a)
