@@ -43,7 +43,7 @@ from .rollout import evaluate
 from .sft import SFT
 from .tasks import TASKS, get_task
 from .turn_credit import ARCHER, IGPO, REFUEL
-from . import tool_reward  # noqa: F401  (registers the task calculator_mix)
+from . import scale, tool_reward  # noqa: F401  (register the engines of --generator and the task calculator_mix)
 from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, flag, read_metrics, resolve_model, train
 
 # %% ../nbs/99_cli.ipynb #b555a175
@@ -324,12 +324,14 @@ def cmd_train(args) -> dict:  # the final evaluation
     cfg.model = resolve_model(cfg.model, cfg.task, cfg.progress)
     t0 = time.time()
     try:  # train says what it runs once the method's setup has checked what only it can (a pairs file, a reward model)
-        train(cfg, method, options=options, task=task)
+        run = train(cfg, method, options=options, task=task)
     except RLBookError as e:
         raise RLBookError(in_flags(str(e), option_fields(method), given_as)) from e
+    after = json.loads((Path(cfg.out) / "final_eval.json").read_text()) if run.accelerator.is_main_process else {}
+    if not after:  # another process of a multi-process run: the main process reports
+        return after
     rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
     before = next((r for r in rows if "eval/accuracy" in r), {})
-    after = json.loads((Path(cfg.out) / "final_eval.json").read_text())
     print(f"held-out accuracy: {before.get('eval/accuracy', float('nan')):.3f} -> {after['eval/accuracy']:.3f}"
           f"   ({time.time() - t0:.0f} s)")
     print(f"metrics: {Path(cfg.out) / 'metrics.jsonl'}\nplot:    {Path(cfg.out) / 'metrics.png'}\n"

@@ -293,6 +293,7 @@ def prime_advantages(
     outcome_coef: float = 1.0,  # weight of the outcome reward
     gamma: float = 1.0,  # discount of the reward-to-go
     whiten: bool = True,  # normalise over all counted tokens of the batch
+    reduce=None,  # sums over processes for the whitening (Run.reduce_sum); None: this process's tokens
 ) -> torch.Tensor:  # (B, T) advantages
     "PRIME's advantage, @eq-prime-adv: leave-one-out on both rewards, reward-to-go, whitening."
     m = mask.float()
@@ -302,7 +303,7 @@ def prime_advantages(
     process = (token_reward * G / (G - 1) - group_sum[:, None] / (G - 1)) * m  # (B, T)
     outcome_tok = last_token_mask(m) * rloo_advantages(outcome.float(), G)[:, None]  # (B, T)
     returns = discounted_returns(process_coef * process + outcome_coef * outcome_tok, m, gamma)
-    return masked_whiten(returns, m) if whiten else returns
+    return masked_whiten(returns, m, reduce=reduce) if whiten else returns
 
 # %% ../nbs/41_dense_credit.ipynb #0524c06b
 @dataclass
@@ -357,7 +358,7 @@ def prime_advantage(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B, 
         hit = ((r > 0) == (correct > 0.5))[k].float()
         stats["prm/accuracy"] = hit.mean().item() if k.any() else float("nan")
     return prime_advantages(token_r, correct, mask, cfg.group_size, process_coef=o.process_coef,
-                            outcome_coef=o.outcome_coef, gamma=o.gamma), stats
+                            outcome_coef=o.outcome_coef, gamma=o.gamma, reduce=run.reduce_sum), stats
 
 
 def prime_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats

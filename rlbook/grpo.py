@@ -35,9 +35,15 @@ def group_std(
 def batch_std(
     reward: torch.Tensor,  # (B,)
     group_size: int,  # G (unused: one std for the whole batch)
+    reduce=None,  # sums over processes (Run.reduce_sum): the std of every process's rewards; None: these rows only
 ) -> torch.Tensor:  # (B,) the std of all rewards of the batch, repeated
     "Scale of @eq-grpo-adv in Lite PPO: group mean, *batch* std."
-    return reward.std(correction=0).expand(reward.shape[0])
+    if reduce is None:
+        return reward.std(correction=0).expand(reward.shape[0])
+    r = reward.float()
+    n, total = reduce(torch.stack([torch.tensor(float(r.numel()), device=r.device), r.sum()]))
+    var = reduce(((r - total / n) ** 2).sum()) / n
+    return var.sqrt().expand(r.shape[0])
 
 
 def no_std(
@@ -107,12 +113,15 @@ def grpo_loss(
     n_seqs: int | None = None,  # minibatch normalisers, see rlbook.logprobs.AGGREGATIONS
     n_tokens: float | None = None,
     constant: float | None = None,
+    is_weight: torch.Tensor | None = None,  # (B, T) detached weights pi_trainer / pi_sampler when another engine sampled (chapter `scale`)
 ) -> tuple[torch.Tensor, dict]:  # scalar loss, stats of `surrogate_stats` (clipfrac, approx_kl, ratio/mean, ratio/max)
     "Clipped group-relative surrogate (chapter 14's `clipped_surrogate`) plus KL penalty, aggregated over tokens: @eq-grpo-loss."
     ratio = ratio_fn(logp, logp_old, mask)  # (B, T)
     A = (adv[:, None] if adv.dim() < logp.dim() else adv).to(logp.dtype)  # (B, 1), or (B, T): one per token (chapter turn_credit)
     obj, is_clipped = clipped_surrogate(ratio, A, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
     per_token = -obj  # (B, T)
+    if is_weight is not None:  # the sampler's correction weighs the surrogate, not the KL term (as TRL does)
+        per_token = per_token * is_weight
     if ref_logp is not None and beta:
         per_token = per_token + beta * kl(logp, ref_logp)
     loss = aggregate(per_token, mask, n_seqs=n_seqs, n_tokens=n_tokens, constant=constant)
@@ -262,7 +271,10 @@ def group_advantage(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,)
     score, correct = batch["score"], batch["reward"]  # correct: the verifier's reward, before shaping
     batch["group_acc"] = correct.view(-1, G).mean(-1).repeat_interleave(G)
     lengths, wrong = mask.sum(-1).float(), correct <= 0
-    return group_advantages(score, G, scale=ADV_SCALES[o.adv_std]), {
+    scale = ADV_SCALES[o.adv_std]
+    if scale is batch_std and run.reduce_sum is not None:  # the std of the whole batch, every process's rows
+        scale = partial(batch_std, reduce=run.reduce_sum)
+    return group_advantages(score, G, scale=scale), {
         "frac_reward_zero_std": zero_std_groups(score, G).float().mean().item(),
         "reward/std": score.view(-1, G).std(-1, correction=0).mean().item(),
         "len/wrong": lengths[wrong].mean().item() if wrong.any() else float("nan"),
@@ -283,7 +295,7 @@ def grpo_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]: 
         out["logp"], mb["logp_old"], mb["adv"], mb["completion_mask"], ref_logp=mb.get("ref_logp"),
         beta=0.0 if o.kl_in_reward else o.beta, clip_eps_low=o.clip_eps_low, clip_eps_high=o.clip_eps_high,
         ratio_fn=RATIOS[o.ratio_level], aggregate=AGGREGATIONS[o.aggregation], kl=KL_ESTIMATORS[o.kl_estimator],
-        n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"], constant=run.cfg.max_new_tokens)
+        n_seqs=mb["n_seqs"], n_tokens=mb["n_tokens"], constant=run.cfg.max_new_tokens, is_weight=mb.get("is_weight"))
 
 
 def nft_objective(run: Run, mb: dict, out: dict) -> tuple[torch.Tensor, dict]:  # loss, stats
@@ -308,24 +320,24 @@ GRPO = Method(
     name="grpo", collect=partial(pg_collect, shaping=(overlong_shaping, kl_reward_shaping), advantage=group_advantage,
                                  keep=difficulty_keep),
     loss=partial(pg_step, objective=grpo_objective), setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.04, aggregation="seq_mean", adv_std="group"), multi_turn=True,
+    options=GRPOConfig(beta=0.04, aggregation="seq_mean", adv_std="group"), multi_turn=True, external_sampler=True,
     help="GRPO: group-relative advantages, clipped token ratio, k3 KL in the loss, sequence-mean aggregation")
 DR_GRPO = Method(
     name="dr_grpo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.0, aggregation="constant", adv_std="none"), multi_turn=True,
+    options=GRPOConfig(beta=0.0, aggregation="constant", adv_std="none"), multi_turn=True, external_sampler=True,
     help="Dr. GRPO: no std scaling, constant (max_new_tokens) normaliser, no KL")
 DAPO = Method(
     name="dapo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
     options=GRPOConfig(beta=0.0, aggregation="token_mean", clip_eps_low=0.2, clip_eps_high=0.28,
-                       filter_groups=True, overlong_cache=2),
+                       filter_groups=True, overlong_cache=2), external_sampler=True,
     help="DAPO: clip-higher, dynamic sampling (zero-variance groups masked), token mean, soft overlong punishment")
 LITE_PPO = Method(
     name="lite_ppo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.0, aggregation="token_mean", adv_std="batch"), multi_turn=True,
+    options=GRPOConfig(beta=0.0, aggregation="token_mean", adv_std="batch"), multi_turn=True, external_sampler=True,
     help="Lite PPO: group-mean / batch-std advantages, token-level aggregation, no KL")
 GSPO = Method(
     name="gspo", collect=GRPO.collect, loss=GRPO.loss, setup=grpo_setup, defaults=dict(RL_DEFAULTS),
-    options=GRPOConfig(beta=0.0, ratio_level="sequence", aggregation="seq_mean", clip_eps_low=3e-4, clip_eps_high=4e-4),
+    options=GRPOConfig(beta=0.0, ratio_level="sequence", aggregation="seq_mean", clip_eps_low=3e-4, clip_eps_high=4e-4), external_sampler=True,
     help="GSPO: length-normalised sequence ratio, clipped per sequence")
 NFT = Method(
     name="nft", collect=GRPO.collect, loss=partial(pg_step, objective=nft_objective), setup=grpo_setup,

@@ -186,16 +186,20 @@ def masked_whiten(
     *,
     shift_mean: bool = True,  # subtract the mean (False: only divide by the std)
     eps: float = 1e-8,  # added to the std
+    reduce=None,  # sums a tensor over processes (Run.reduce_sum, chapter `scale`); None: this process's entries only
 ) -> torch.Tensor:  # mask's shape (x's without a mask), 0 where mask is 0
     "@eq-masked-whiten: (x - mean) / std over the counted entries (unbiased std); 0 on padding and for fewer than 2 entries."
     if mask is not None and x.dim() < mask.dim():
         x = x[:, None].expand(mask.shape)
     m = torch.ones_like(x) if mask is None else mask.float()
-    n = m.sum()
+    n, total = m.sum(), (x * m).sum()
+    if reduce is not None:  # the whole batch's statistics, every process's entries counted
+        n, total = reduce(torch.stack([n, total]))
     if n < 2:
         return torch.zeros_like(x)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1)
+    mean = total / n
+    sq = (((x - mean) * m) ** 2).sum()
+    var = (sq if reduce is None else reduce(sq)) / (n - 1)
     out = (x - mean) if shift_mean else x
     return out / (var.sqrt() + eps) * m
 

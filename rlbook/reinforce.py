@@ -329,7 +329,7 @@ def pg_advantage(
     adv, stats = estimate(run, batch)
     mask = batch["completion_mask"]
     if run.options.normalize:
-        return masked_whiten(adv, mask), stats
+        return masked_whiten(adv, mask, reduce=run.reduce_sum), stats  # over every process's tokens
     return (adv[:, None] * mask if adv.dim() == 1 else adv * mask), stats
 
 # %% ../nbs/11_reinforce.ipynb #332da471

@@ -150,7 +150,7 @@ def sequence_scores(
     if o.missing_eos_penalty:
         score = score - o.missing_eos_penalty * batch["truncated"].float().to(score.device)
     if o.whiten_rewards:
-        score = masked_whiten(score, shift_mean=False)
+        score = masked_whiten(score, shift_mean=False, reduce=run.reduce_sum)  # over every process's rows
     stats["score/mean"] = score.mean().item()
     return score, stats
 
@@ -179,7 +179,7 @@ def gae_advantage(
                             beta=o.beta if o.kl_in_reward else 0.0)
     adv, returns = gae_advantages(rewards, value, gamma=o.gamma, lam=o.lam, mask=mask)
     if o.whiten_adv:
-        adv = masked_whiten(adv, mask)
+        adv = masked_whiten(adv, mask, reduce=run.reduce_sum)  # over every process's tokens
     batch["returns"], batch["value_old"] = returns, value
     return adv, {"value/mean": token_mean(value, mask).item()}
 

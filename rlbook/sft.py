@@ -82,7 +82,9 @@ BOOKKEEPING = ("out", "progress", "resume", "device", "overwrite", "allow_config
 # settings added to TrainConfig after the shipped warm starts were named: left out of the digest at these values
 # (the computation every shipped warm start used), so that the shipped names stay valid
 LATER_DEFAULTS = {"optim": "adamw_torch", "gradient_checkpointing": False, "use_peft": False, "lora_r": 16, "lora_alpha": 32,
-                  "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
+                  "lora_dropout": 0.0, "lora_target_modules": "all-linear", "generator": "builtin",
+                  "vllm_gpu_memory_utilization": 0.3, "vllm_importance_sampling_correction": True,
+                  "vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 3.0}
 
 
 def warm_start_name(cfg: TrainConfig) -> str:  # e.g. 'tiny-addition-78ec84c79220'

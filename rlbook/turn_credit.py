@@ -172,7 +172,7 @@ def archer_advantage(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:  # (B,
         value = turn_values(critic.target, batch["input_ids"], batch["attention_mask"], lay["state"], lay["turn_mask"])
     adv, target = turn_td_advantages(batch["turn_reward"].float(), value, lay["turn_mask"], gamma=o.gamma, lam=o.lam)
     if o.whiten:
-        adv = masked_whiten(adv, lay["turn_mask"])
+        adv = masked_whiten(adv, lay["turn_mask"], reduce=run.reduce_sum)
     batch.update(turn_state=lay["state"], turn_mask=lay["turn_mask"], turn_target=target)
     m = lay["turn_mask"].float()
     return broadcast_turns(adv, lay["index"]), {"value/mean": ((value * m).sum() / m.sum()).item()}

@@ -1,19 +1,101 @@
-"""One SFT update, run either as one process or under `torchrun --nproc_per_node 2` (gloo on CPU).
+"""One update of each named method, run either as one process or under `torchrun --nproc_per_node 2` (gloo on CPU).
 
-Writes the updated parameters to OUT/weights.pt (main process). The test compares the two.
+    python tests/dist_update.py OUT sft grpo dpo ...      (or torchrun --nproc_per_node 2 tests/dist_update.py ...)
+
+With RLBOOK_PER_PROCESS_STATS=1, each process whitens with its own share's statistics (the bug chapter `scale`
+measures). Writes each method's updated parameters (and its modules', e.g. PPO's critic) to OUT/METHOD.pt (main process) and
+the logged metrics row to OUT/METHOD.json. The test compares one process with two.
+
+Sampling is the one thing that differs by design: each process draws from its own stream, seeded by
+(seed, step, rank), so two processes sample other completions than one. To compare the *update*, this script
+samples every prompt group on its own, from a stream seeded by the group's place in the whole step (not by
+the process that holds it): both runs then train on the same completions, and everything after sampling
+(scores, reference log-probs, advantages, whitening, normalisers, gradient averaging) is the library's own.
 """
+import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from rlbook.sft import SFT
-from rlbook.train import train
+import rlbook.rollout as rollout
+from rlbook.cli import METHODS
+from rlbook.train import step_seed, train
 
 out = Path(sys.argv[1])
-cfg = SFT.config(steps=1, batch_size=16, lr=0.05, warmup_steps=0, eval_n=4, out=str(out), device="cpu",
-                 progress=False)
-run = train(cfg, SFT, make_optimizer=lambda params, c: torch.optim.SGD(params, lr=c.lr))
-if run.accelerator.is_main_process:
-    torch.save({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, out / "weights.pt")
-    print("world", run.world)
+RANK = int(os.environ.get("RANK", "0"))
+_generate = rollout.generate
+STEP = {"n": 0}  # the step being sampled (one step per run here)
+PAD = 0  # the tokenizer's pad id, set on the first call
+
+
+def _pad(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    extra = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([extra, t] if left else [t, extra], 1)
+
+
+def cat_rollouts(parts: list) -> rollout.Rollout:
+    "Rollouts of consecutive groups as one: prompts left-padded, completions right-padded to the longest."
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+    return rollout.Rollout(
+        prompt_ids=torch.cat([_pad(r.prompt_ids, P, PAD, True) for r in parts]),
+        prompt_mask=torch.cat([_pad(r.prompt_mask, P, 0, True) for r in parts]),
+        completion_ids=torch.cat([_pad(r.completion_ids, T, PAD, False) for r in parts]),
+        completion_mask=torch.cat([_pad(r.completion_mask, T, 0, False) for r in parts]),
+        logp=torch.cat([_pad(r.logp, T, 0.0, False) for r in parts]),
+        truncated=torch.cat([r.truncated for r in parts]),
+        prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
+        group_size=parts[0].group_size, temperature=parts[0].temperature)
+
+
+def groupwise_generate(model, tokenizer, prompts, *, generator=None, **kw):
+    "generate, one prompt group at a time, each from the stream of its place in the whole step."
+    global PAD
+    PAD = tokenizer.pad_token_id
+    if kw.get("temperature", 1.0) == 0:  # greedy (ReMax's baseline, evaluation): no stream to align
+        return _generate(model, tokenizer, prompts, generator=generator, **kw)
+    first = RANK * len(prompts)  # shards are contiguous and equal: this process holds groups first, first + 1, ...
+    return cat_rollouts([_generate(model, tokenizer, [p], generator=torch.Generator().manual_seed(
+        step_seed(1234, STEP["n"], first + i)), **kw) for i, p in enumerate(prompts)])
+
+
+rollout.generate = groupwise_generate
+
+if os.environ.get("RLBOOK_PER_PROCESS_STATS") == "1":  # the bug chapter `scale` measures: each process's own statistics
+    import rlbook.train as _train
+    _train.Run.reduce_sum = property(lambda self: None)
+
+SETTINGS = {  # one step each, SGD, a whole-batch minibatch (several minibatches would be drawn differently per process),
+    # no clipping (the clipped update is the gradient's direction only: it would hide a wrong scale)
+    "sft": dict(batch_size=16, lr=0.05),
+    "grpo": dict(batch_size=16, group_size=4, lr=0.05, max_new_tokens=6),
+    "lite_ppo": dict(batch_size=16, group_size=4, lr=0.05, max_new_tokens=6),
+    "reinforce_pp": dict(batch_size=16, group_size=1, lr=0.05, max_new_tokens=6),
+    "ppo": dict(batch_size=16, group_size=1, minibatch_size=0, epochs=1, lr=0.05, max_new_tokens=6),
+    "dpo": dict(batch_size=16, lr=0.05),
+}
+for name in sys.argv[2:]:
+    method = METHODS[name]
+    cfg = method.config(**{**SETTINGS[name], "steps": 1, "warmup_steps": 0, "eval_n": 4, "out": str(out / name),
+                           "device": "cpu", "progress": False,
+                           "max_grad_norm": 0.0})
+    start = []
+
+    def sgd(params, c):  # called once the policy and modules are built: their parameters before the update
+        start.extend(p.detach().clone() for p in params)
+        return torch.optim.SGD(params, lr=c.lr)
+
+    run = train(cfg, method, make_optimizer=sgd)
+    moved = max(float((p.detach().cpu() - p0.cpu()).abs().max()) for p, p0 in zip(
+        [p for p in run.policy.parameters() if p.requires_grad] +
+        [p for m in run.modules.values() for p in m.parameters() if p.requires_grad], start))
+    if run.accelerator.is_main_process:
+        weights = {f"policy.{k}": v.detach().cpu() for k, v in run.model.state_dict().items()}
+        for key, m in run.modules.items():
+            weights.update({f"{key}.{k}": v.detach().cpu() for k, v in run.accelerator.unwrap_model(m).state_dict().items()})
+        torch.save(weights, out / f"{name}.pt")
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        (out / f"{name}.json").write_text(json.dumps({**rows[0], "moved": moved}))
+        print(name, "world", run.world)

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlbook.train import checkpoint_step, find_checkpoint, read_metrics
@@ -46,22 +47,64 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert torch.equal(weights(full / "checkpoint" / "model"), weights(killed / "checkpoint" / "model"))
 
 
-def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+DIST_METHODS = ("sft", "grpo", "lite_ppo", "reinforce_pp", "ppo", "dpo")  # batch-level statistics: lite_ppo's std, the whitening of reinforce_pp and ppo
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory):
+    "One update of each method, once in one process and once in two (torchrun, gloo): tests/dist_update.py."
+    root = tmp_path_factory.mktemp("dist")
     script = Path(__file__).with_name("dist_update.py")
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, str(script), str(root / "one"), *DIST_METHODS], env=ENV, capture_output=True,
+                         text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
-                          str(script), str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+                          str(script), str(root / "two"), *DIST_METHODS], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "world 2" in two.stdout and "world 1" in one.stdout
-    w1, w2 = torch.load(tmp_path / "one" / "weights.pt"), torch.load(tmp_path / "two" / "weights.pt")
+    return root, one.stdout, two.stdout
+
+
+@pytest.mark.parametrize("method", DIST_METHODS)
+def test_two_processes_equal_one_process_on_the_combined_batch(one_and_two_processes, method):
+    "Same completions, same update: scores, advantages, batch whitening, normalisers and gradient averaging over 2 processes."
+    root, out1, out2 = one_and_two_processes
+    assert f"{method} world 1" in out1 and f"{method} world 2" in out2
+    w1, w2 = torch.load(root / "one" / f"{method}.pt"), torch.load(root / "two" / f"{method}.pt")
+    assert w1.keys() == w2.keys()
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert diff < 1e-6, diff
-    # and the update was not trivially zero: compare with a fresh initialisation
-    from rlbook.models import load_policy
-    m0, _ = load_policy("tiny", seed=0)
-    moved = max(float((w1[k] - v).abs().max()) for k, v in m0.state_dict().items() if k in w1)
-    assert moved > 1e-3
+    r1, r2 = (json.loads((root / d / f"{method}.json").read_text()) for d in ("one", "two"))
+    assert r1["moved"] > 1e-3, "the update was (nearly) zero: the comparison would prove nothing"
+    for k in ("loss", "reward/mean", "grad_norm"):  # the whole step's figures, not the main process's share
+        if k in r1:
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
+
+
+def test_statistics_of_the_whole_batch():
+    "masked_whiten and batch_std with a reduce equal the one-process figures on the concatenated batch."
+    from rlbook.grpo import batch_std
+    from rlbook.logprobs import masked_whiten
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(8, 5, generator=g), (torch.rand(8, 5, generator=g) > 0.3).long()
+    halves = [(x[:3], mask[:3]), (x[3:], mask[3:])]  # unequal shares, as after a filter
+    # two processes emulated: each half is whitened with a reduce that answers what an all-reduce sum would,
+    # its own partial sums plus the other half's (the count and sum first, then the squared deviations)
+    n = [m.float().sum() for _, m in halves]
+    s = [(xx * m).sum() for xx, m in halves]
+    mean = (s[0] + s[1]) / (n[0] + n[1])
+    sq = [(((xx - mean) * m) ** 2).sum() for xx, m in halves]
+    whole = masked_whiten(x, mask)
+    for i, (xx, m) in enumerate(halves):
+        answers = iter([torch.stack([n[0] + n[1], s[0] + s[1]]), sq[0] + sq[1]])
+        got = masked_whiten(xx, m, reduce=lambda t: next(answers))
+        assert torch.allclose(got, whole[:3] if i == 0 else whole[3:], atol=1e-6)
+        assert not torch.allclose(masked_whiten(xx, m), got, atol=1e-3)  # the half's own statistics differ
+    r = torch.randn(12, generator=g)
+    parts = [r[:4], r[4:]]
+    for i, part in enumerate(parts):
+        sums = iter([torch.stack([torch.tensor(12.0), r.sum()]), ((r - r.mean()) ** 2).sum()])
+        assert torch.allclose(batch_std(part, 4, reduce=lambda t: next(sums)), r.std(correction=0).expand(len(part)))
+        assert not torch.allclose(batch_std(part, 4), r.std(correction=0).expand(len(part)), atol=1e-3)
 
 
 def test_a_plot_after_training_in_one_kernel_is_shown(tmp_path):

@@ -138,7 +138,7 @@ def chapter_map_svg() -> str:
                        "rollouts, training loop, SFT, preference data, objective"))
     out.append(_arrow(x0 + chain_w / 2, yc, x0 + chain_w / 2, y0 + box_h + 24, dash="3 3"))
     xr = x0 + chain_w + 18
-    for j, (band, what, chapters) in enumerate((("7x", "scaling up", "70 data · 71 LoRA"),
+    for j, (band, what, chapters) in enumerate((("7x", "scaling up", "70 data · 71 LoRA · 72 scale"),
                                                 ("8x", "multi-turn", "80 agents · 81 turn credit · 82 tool reward"))):
         y, bw = y0 + j * 70, w - xr - 8
         out.append(_box(xr, y, bw, box_h, "#fff", stroke="#999", dash="5 4")
