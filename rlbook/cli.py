@@ -43,7 +43,8 @@ from .rollout import evaluate
 from .sft import SFT
 from .tasks import TASKS, get_task
 from .turn_credit import ARCHER, IGPO, REFUEL
-from . import scale, tool_reward  # noqa: F401  (register the engines of --generator and the task calculator_mix)
+from . import tool_reward  # noqa: F401  (registers the task calculator_mix)
+from .scale import per_process_memory  # (also registers the engines of --generator)
 from .train import MODEL_NAMES, TrainConfig, check_config, diagnose, flag, read_metrics, resolve_model, train
 
 # %% ../nbs/99_cli.ipynb #b555a175
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--lora-target-modules", default="all-linear", help="layers to adapt")
     me.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     me.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 80], help="GPU sizes to compare the peak with")
+    me.add_argument("--processes", type=int, default=1, help="data-parallel processes (GPUs) sharing the batch (chapter `scale`)")
+    me.add_argument("--strategy", default="ddp", choices=["ddp", "zero2", "fsdp", "zero3"],
+                    help="what the processes split (configs/NAME.yaml; chapter `scale`)")
     mg = sub.add_parser("merge", help="a LoRA run's adapter merged into its base model: a plain transformers model folder")
     mg.add_argument("run_dir", help="the --out folder of a run trained with --use-peft (or its checkpoint folder)")
     mg.add_argument("--out", required=True, help="the folder to write (AutoModelForCausalLM.from_pretrained reads it)")
@@ -388,7 +392,7 @@ def cmd_diagnose(args) -> dict:  # name -> warning
 
 def cmd_memory(args) -> dict:  # memory_estimate's result
     "`rlbook memory`: `memory_estimate` (chapter `lora`) for a method and model, printed part by part."
-    for name in ("batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "lora_r"):
+    for name in ("batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "lora_r", "processes"):
         if getattr(args, name) <= 0:
             raise RLBookError(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
     method = METHODS[args.method]
@@ -397,14 +401,20 @@ def cmd_memory(args) -> dict:  # memory_estimate's result
         options = dataclasses.replace(options, beta=args.beta)
     kind = method_memory(method, options)
     rows = args.minibatch_size or args.batch_size
-    if rows % args.grad_accum:
-        raise RLBookError(f"--grad-accum {args.grad_accum} must divide the {rows} sequences of an update")
-    est = memory_estimate(args.model, batch_size=args.batch_size, micro_batch=rows // args.grad_accum,
-                          prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                          use_peft=args.use_peft, lora_r=args.lora_r, lora_target_modules=args.lora_target_modules,
-                          gradient_checkpointing=args.gradient_checkpointing, **kind)
+    if rows % (args.grad_accum * args.processes):
+        raise RLBookError(f"--grad-accum {args.grad_accum} x --processes {args.processes} must divide the {rows} "
+                          "sequences of an update")
+    settings = dict(micro_batch=rows // args.processes // args.grad_accum, prompt_tokens=args.prompt_tokens,
+                    max_new_tokens=args.max_new_tokens, dtype=args.dtype, use_peft=args.use_peft, lora_r=args.lora_r,
+                    lora_target_modules=args.lora_target_modules, gradient_checkpointing=args.gradient_checkpointing, **kind)
+    if args.processes == 1 and args.strategy == "ddp":
+        est = memory_estimate(args.model, batch_size=args.batch_size, **settings)
+    else:  # one process's share of the batch, and of the state its strategy splits (chapter scale)
+        est = per_process_memory(args.model, strategy=args.strategy, processes=args.processes,
+                                 batch_size=args.batch_size, **settings)
+    procs = f", one of {args.processes} processes ({args.strategy})" if args.processes > 1 else ""
     print(f"{args.model}, {args.method}: {est['params'] / 1e6:.2f} M parameters, {est['trainable'] / 1e6:.2f} M trainable, "
-          f"{args.dtype}")
+          f"{args.dtype}{procs}")
     for part in ("weights", "gradients", "optimizer", "reference", "critic", "kv_cache", "activations", "logits", "peak"):
         b = est[part]
         print(f"  {part:<12} " + (f"{b / 2 ** 30:8.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:8.1f} MiB"))

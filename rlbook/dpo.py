@@ -309,7 +309,7 @@ class DPOConfig:
     rpo_alpha: float = 1.0  # RPO: weight of the chosen answer's NLL
     kto_lambda_d: float = 1.0  # KTO: weight of desirable answers
     kto_lambda_u: float = 1.0  # KTO: weight of undesirable answers
-    pairs_path: str = ""  # {prompt, chosen, rejected} records: a .jsonl/.json/.parquet/.csv file or a hub id, text or chat messages; empty = sample pairs from the starting policy, label with the gold oracle
+    pairs_path: str = ""  # {prompt, chosen, rejected} records: a .jsonl/.json/.parquet/.csv file or a hub id (from Python, also a datasets.Dataset), text or chat messages; empty = sample pairs from the starting policy, label with the gold oracle
     n_pairs: int = 4096  # size of the sampled dataset (pairs)
     oracle_beta: float = 0.1  # annotator temperature tau of the Bradley-Terry oracle on the gold reward
     label_noise: float = 0.0  # probability that the annotator's label is flipped
@@ -334,7 +334,10 @@ def check_dpo_options(o: DPOConfig) -> None:
     for name in ("rpo_alpha", "kto_lambda_d", "kto_lambda_u"):
         if not getattr(o, name) >= 0:
             raise RLBookError(f"{name} must be >= 0 (a loss weight), got {getattr(o, name)}")
-    problem = source_problem(o.pairs_path) if o.pairs_path else None
+    if not isinstance(o.pairs_path, str) and type(o.pairs_path).__name__ != "Dataset":
+        raise RLBookError(f"pairs_path must be a file name, a hub id or a datasets.Dataset, got a "
+                          f"{type(o.pairs_path).__name__}")
+    problem = source_problem(o.pairs_path) if isinstance(o.pairs_path, str) and o.pairs_path else None
     if problem:
         raise RLBookError(f"pairs_path {o.pairs_path!r}: {problem}")
     if not 0 <= o.label_smoothing <= 0.5 or not 0 <= o.flip_rate < 0.5 or not 0 <= o.label_noise <= 0.5:
@@ -354,8 +357,9 @@ def dpo_setup(
     "Reference policy and preference dataset (read from pairs_path, from out/pairs.jsonl on resume, or sampled)."
     o, cfg, tok = run.options, run.cfg, run.tokenizer
     cache = Path(cfg.out) / "pairs.jsonl"
-    source = o.pairs_path or (cache if cfg.resume and cache.exists() else None)
-    kind, records = read_preferences(source) if source else (None, None)  # read (and refused) before any pair is sampled
+    given = not isinstance(o.pairs_path, str) or o.pairs_path  # a Dataset counts even when empty (it is refused as such)
+    source = o.pairs_path if given else (cache if cfg.resume and cache.exists() else None)
+    kind, records = read_preferences(source) if source is not None else (None, None)  # read (and refused) before any pair is sampled
     if kind == "answers" and not unpaired:
         raise RLBookError(f"{source}: unpaired {{prompt, completion, label}} records train KTO only (--method kto); "
                           "this method learns from {prompt, chosen, rejected} pairs")

@@ -238,3 +238,22 @@ def test_an_engine_without_its_chapter_imported_is_one_clear_error(tmp_path):
             f"train(GRPO.config(generator='bf16', steps=1, out={str(tmp_path / 'r')!r}), GRPO)")
     p = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
     assert p.returncode != 0 and "import rlbook.scale first" in p.stderr.splitlines()[-1], p.stderr[-500:]
+
+
+def test_memory_command_splits_over_processes():
+    base = ["memory", "--model", "tiny", "--batch-size", "64", "--gpu-gb"]
+    one = subprocess.run(CLI + base, env=ENV, capture_output=True, text=True)
+    eight = subprocess.run(CLI + base + ["--processes", "8", "--strategy", "zero3"], env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0 and eight.returncode == 0, eight.stderr
+
+    def mib(out, part):
+        line = next(x for x in out.splitlines() if x.strip().startswith(part))
+        v, unit = line.split()[1:3]
+        return float(v) * (1024 if unit == "GiB" else 1)
+
+    assert "one of 8 processes (zero3)" in eight.stdout
+    for part in ("weights", "optimizer"):
+        assert mib(eight.stdout, part) == pytest.approx(mib(one.stdout, part) / 8, rel=0.02, abs=0.1)
+    assert mib(eight.stdout, "reference") == pytest.approx(mib(one.stdout, "reference"), abs=0.1)
+    bad = subprocess.run(CLI + base + ["--processes", "3"], env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and "x --processes 3 must divide the 64 sequences" in bad.stderr
