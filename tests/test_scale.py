@@ -257,3 +257,35 @@ def test_memory_command_splits_over_processes():
     assert mib(eight.stdout, "reference") == pytest.approx(mib(one.stdout, "reference"), abs=0.1)
     bad = subprocess.run(CLI + base + ["--processes", "3"], env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and "x --processes 3 must divide the 64 sequences" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+    "A Qwen2-architecture model from a small config, with a tokenizer built here (no download)."
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlbook.models import CHAR_VOCAB, build_char_tokenizer
+    folder = tmp_path_factory.mktemp("qwen2")
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(CHAR_VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=1, eos_token_id=1, pad_token_id=0)).save_pretrained(folder)
+    build_char_tokenizer(model_max_length=128).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("sft", ["--use-peft", "--gradient-checkpointing"]),
+    ("grpo", ["--group-size", "4", "--use-peft", "--gradient-checkpointing"]),
+    ("grpo", ["--group-size", "4"]),
+    ("dpo", ["--use-peft", "--gradient-checkpointing"]),
+])
+def test_a_qwen2_model_trains_from_the_command_line(qwen2_folder, tmp_path, method, extra):
+    "The real-model path of the GPU recipes (a Qwen2 architecture, a folder on disk) through `rlbook train`, on a CPU."
+    out = tmp_path / "run"
+    p = subprocess.run(CLI + ["train", method, "--model", str(qwen2_folder), "--steps", "2", "--batch-size", "16",
+                              "--eval-n", "8", "--out", str(out), "--no-progress", *extra],
+                       env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "held-out accuracy" in p.stdout and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    saved = out / "checkpoint" / "model"
+    assert (saved / ("adapter_config.json" if "--use-peft" in extra else "config.json")).is_file()
