@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 80], help="GPU sizes to compare the peak with")
     me.add_argument("--processes", type=int, default=1, help="data-parallel processes (GPUs) sharing the batch (chapter `scale`)")
     me.add_argument("--strategy", default="ddp", choices=["ddp", "zero2", "fsdp", "zero3"],
-                    help="what the processes split (configs/NAME.yaml; chapter `scale`)")
+                    help="what the processes would split: the memory arithmetic of chapter `scale` (the loop runs ddp)")
     mg = sub.add_parser("merge", help="a LoRA run's adapter merged into its base model: a plain transformers model folder")
     mg.add_argument("run_dir", help="the --out folder of a run trained with --use-peft (or its checkpoint folder)")
     mg.add_argument("--out", required=True, help="the folder to write (AutoModelForCausalLM.from_pretrained reads it)")

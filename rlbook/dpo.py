@@ -13,6 +13,7 @@ __all__ = ['F_DIVERGENCES', 'OFFLINE_DEFAULTS', 'DPO', 'IPO', 'CDPO', 'RDPO', 'S
 # %% ../nbs/30_dpo.ipynb #486d79cc
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,10 +335,11 @@ def check_dpo_options(o: DPOConfig) -> None:
     for name in ("rpo_alpha", "kto_lambda_d", "kto_lambda_u"):
         if not getattr(o, name) >= 0:
             raise RLBookError(f"{name} must be >= 0 (a loss weight), got {getattr(o, name)}")
-    if not isinstance(o.pairs_path, str) and type(o.pairs_path).__name__ != "Dataset":
+    named = isinstance(o.pairs_path, (str, os.PathLike))  # a file or hub id; else a datasets.Dataset (column_names)
+    if not named and not hasattr(o.pairs_path, "column_names"):
         raise RLBookError(f"pairs_path must be a file name, a hub id or a datasets.Dataset, got a "
                           f"{type(o.pairs_path).__name__}")
-    problem = source_problem(o.pairs_path) if isinstance(o.pairs_path, str) and o.pairs_path else None
+    problem = source_problem(str(o.pairs_path)) if named and str(o.pairs_path) else None
     if problem:
         raise RLBookError(f"pairs_path {o.pairs_path!r}: {problem}")
     if not 0 <= o.label_smoothing <= 0.5 or not 0 <= o.flip_rate < 0.5 or not 0 <= o.label_noise <= 0.5:
@@ -357,7 +359,7 @@ def dpo_setup(
     "Reference policy and preference dataset (read from pairs_path, from out/pairs.jsonl on resume, or sampled)."
     o, cfg, tok = run.options, run.cfg, run.tokenizer
     cache = Path(cfg.out) / "pairs.jsonl"
-    given = not isinstance(o.pairs_path, str) or o.pairs_path  # a Dataset counts even when empty (it is refused as such)
+    given = not isinstance(o.pairs_path, str) or o.pairs_path  # a Path or Dataset counts even when empty (then refused)
     source = o.pairs_path if given else (cache if cfg.resume and cache.exists() else None)
     kind, records = read_preferences(source) if source is not None else (None, None)  # read (and refused) before any pair is sampled
     if kind == "answers" and not unpaired:

@@ -8,6 +8,7 @@ __all__ = ['SHARDED', 'per_process_memory', 'rollout_from_tokens', 'sampler_corr
 
 # %% ../nbs/72_scale.ipynb #c7200004
 import os
+import socket
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from .train import SAMPLERS
 
 
 # %% ../nbs/72_scale.ipynb #c7200014
-SHARDED = {  # config -> the parts of the training state that each of K processes keeps 1/K of
+SHARDED = {  # strategy -> the parts of the training state that each of K processes keeps 1/K of
     "ddp": (),
     "zero2": ("gradients", "optimizer"),
     "fsdp": ("weights", "gradients", "optimizer"),
@@ -33,7 +34,7 @@ SHARDED = {  # config -> the parts of the training state that each of K processe
 def per_process_memory(
     model: str,  # as chapter lora's memory_estimate: 'tiny', 'smollm2-135m', 'gpt2', 'Qwen/Qwen2.5-0.5B-Instruct', ...
     *,
-    strategy: str = "ddp",  # a key of SHARDED (the configs/ file of the same name)
+    strategy: str = "ddp",  # a key of SHARDED (the loop itself runs ddp only)
     processes: int = 1,  # K
     batch_size: int = 64,  # sequences a step, all processes together
     **estimate,  # the other arguments of memory_estimate (micro_batch per process, lengths, dtype, use_peft, ...)
@@ -62,6 +63,7 @@ def rollout_from_tokens(
     *,
     group_size: int = 1,  # G: rows i*G ... i*G+G-1 share prompt i
     temperature: float = 1.0,  # the sampling temperature (the training pass must reuse it)
+    max_new_tokens: int | None = None,  # the budget: a row is cut by it when it is this long and does not end in EOS
     device="cpu",  # where the tensors go
 ) -> Rollout:
     "An engine's token lists as the Rollout that chapter rollout's `generate` returns for the same tokens."
@@ -79,7 +81,10 @@ def rollout_from_tokens(
     mask, logp = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T)
     for i, (c, lp) in enumerate(zip(completion_ids, logps)):
         ids[i, :len(c)], mask[i, :len(c)], logp[i, :len(c)] = torch.tensor(c), 1, torch.tensor(lp, dtype=torch.float32)
-    truncated = torch.tensor([c[-1] != tokenizer.eos_token_id for c in completion_ids])  # no EOS: cut by the budget
+    # cut by the budget: no EOS at the end (and, given the budget, all of it used: an engine that stops at another of
+    # the model's end tokens, as vLLM does at every id of generation_config, ended the row itself)
+    truncated = torch.tensor([c[-1] != tokenizer.eos_token_id and (max_new_tokens is None or len(c) >= max_new_tokens)
+                              for c in completion_ids])
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=ids.to(device),
                    completion_mask=mask.to(device), logp=logp.to(device), truncated=truncated.to(device), prompts=rows,
                    completions=tokenizer.batch_decode(ids, skip_special_tokens=True), group_size=group_size,
@@ -93,9 +98,12 @@ def sampler_correction(
 ) -> dict:  # stats: kl/sampler, and is/weight_mean, is/truncfrac when the correction is on
     "The trainer's own log pi_old for the batch (the engine's kept as logp_sampler) and the weights of @eq-engine-tis."
     cfg, mask = run.cfg, batch["completion_mask"]
+    was_training = run.model.training
+    run.model.eval()  # as the builtin sampler scores its tokens: no dropout in log pi_old
     with torch.no_grad():
         logp_old = completion_logprobs(run.model, batch["input_ids"], batch["attention_mask"], mask.shape[1],
                                        temperature=cfg.temperature)["logp"].float() * mask
+    run.model.train(was_training)
     batch["logp_sampler"], batch["logp_old"] = batch["logp_old"], logp_old
     log_ratio = (logp_old - batch["logp_sampler"]) * mask  # log pi_old / mu per token
     stats = {"kl/sampler": token_mean(-log_ratio, mask).item()}  # k1 estimate of KL(mu || pi_old) on mu's samples
@@ -179,21 +187,24 @@ class StandInLLM:
         self.prefix_resets += 1
 
     def generate(self, prompts: list, sampling_params=None, use_tqdm: bool = False) -> list:
-        sp = sampling_params or StandInSamplingParams()
+        "vLLM's LLM.generate: one SamplingParams for all prompts, or one per prompt (each prompt then sampled on its own)."
         model = self.llm_engine.model_executor.driver_worker.model_runner.model.module
-        texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
-        ro = generate(model, self.tokenizer, texts, group_size=sp.n, max_new_tokens=sp.max_tokens,
-                      temperature=sp.temperature, top_p=sp.top_p,
-                      generator=None if sp.seed is None else torch.Generator().manual_seed(sp.seed))
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or StandInSamplingParams()]
+        batches = [(prompts, params[0])] if len(params) == 1 else [([p], sp) for p, sp in zip(prompts, params)]
         outs = []
-        for i, p in enumerate(prompts):
-            completions = []
-            for r in range(i * sp.n, (i + 1) * sp.n):
-                m = ro.completion_mask[r].bool()
-                ids, lps = ro.completion_ids[r][m].tolist(), ro.logp[r][m].tolist()
-                completions.append(SimpleNamespace(token_ids=ids, logprobs=[
-                    {t: SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(ids, lps)]))
-            outs.append(SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=completions))
+        for group, sp in batches:
+            texts = [self.tokenizer.decode(p["prompt_token_ids"]) for p in group]
+            ro = generate(model, self.tokenizer, texts, group_size=sp.n, max_new_tokens=sp.max_tokens,
+                          temperature=sp.temperature, top_p=sp.top_p,
+                          generator=None if sp.seed is None else torch.Generator().manual_seed(sp.seed))
+            for i, p in enumerate(group):
+                completions = []
+                for r in range(i * sp.n, (i + 1) * sp.n):
+                    m = ro.completion_mask[r].bool()
+                    ids, lps = ro.completion_ids[r][m].tolist(), ro.logp[r][m].tolist()
+                    completions.append(SimpleNamespace(token_ids=ids, logprobs=[
+                        {t: SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(ids, lps)]))
+                outs.append(SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=completions))
         return outs
 
 
@@ -226,8 +237,11 @@ class VLLMSampler(Sampler):
                 raise RLBookError("--generator vllm loads the policy from a folder or hub id, and this policy has none "
                                   "(a random initialisation): start from a saved model")
             os.environ.update(RANK=str(rank), LOCAL_RANK=str(torch.cuda.current_device()), WORLD_SIZE=str(world))
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a one-process run has no rendezvous of its own
-            os.environ.setdefault("MASTER_PORT", "29513")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a one-process run has no rendezvous of its own:
+            if "MASTER_PORT" not in os.environ:  # a free port, so that two runs on one machine do not collide
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
             llm = LLM(model=path, gpu_memory_utilization=gpu_memory_utilization, seed=seed, enable_prefix_caching=True,
                       logprobs_mode="processed_logprobs", distributed_executor_backend="external_launcher")
             sampling_params = sampling_params or SamplingParams
@@ -240,15 +254,18 @@ class VLLMSampler(Sampler):
         self.llm.reset_prefix_cache()  # keys and values cached under the old weights must not be reused
 
     def generate(self, prompts, *, group_size=1, max_new_tokens=16, temperature=1.0, top_p=1.0, generator=None):
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))  # the run's stream picks the engine's seed
-        params = self.sampling_params(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                      logprobs=0, seed=seed)
+        # the run's stream picks the seeds: one per prompt, G apart (vLLM seeds a request's j-th sample with seed + j, so
+        # one seed shared by all prompts would give every prompt's j-th sample the same noise)
+        seed = int(torch.randint(0, 2 ** 30, (1,), generator=generator))
+        params = [self.sampling_params(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                       logprobs=0, seed=seed + i * group_size) for i in range(len(prompts))]
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], sampling_params=params, use_tqdm=False)
         rows = [c for out in outs for c in out.outputs]
         return rollout_from_tokens(self.tokenizer, prompts, [list(c.token_ids) for c in rows],
                                    [[float(lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)] for c in rows],
-                                   group_size=group_size, temperature=temperature, device=self.device)
+                                   group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
+                                   device=self.device)
 
 
 def make_sampler(

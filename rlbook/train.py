@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['EVAL_SEED', 'POSITIVE', 'OPTIMIZERS', 'REPORT_TO', 'COUNTS', 'REALS', 'GENERATORS', 'IS_MODES', 'SETUP_KEYS',
            'MODEL_NAMES', 'PICKLES', 'METRICS', 'LEADING', 'RUN_FILES', 'SETUP_FILES', 'LOCK', 'RESUMABLE', 'SAMPLERS',
-           'TrainConfig', 'flag', 'check_config', 'step_seed', 'Run', 'resolve_model', 'Method', 'reference_of',
-           'with_reference', 'place', 'shard', 'score', 'collect_rollouts', 'Batch', 'check_batch', 'take',
-           'batch_rows', 'log', 'write_state', 'read_state', 'save_checkpoint', 'refuse_pickles', 'checkpoint_problem',
-           'checkpoint_step', 'find_checkpoint', 'load_checkpoint', 'undocumented_metrics', 'read_metrics',
-           'MetricsFigure', 'ema', 'plot_metrics', 'seed_band', 'diagnose', 'describe_run', 'check_out', 'run_identity',
-           'config_changes', 'acquire_lock', 'release_lock', 'remove_stale_temps', 'write_atomic', 'Interrupted',
-           'Stopper', 'adapt_policy', 'check_generator', 'on_cpu', 'train', 'setup_run', 'build_run', 'over_processes']
+           'TOTALS', 'TrainConfig', 'flag', 'check_config', 'step_seed', 'Run', 'resolve_model', 'Method',
+           'reference_of', 'with_reference', 'place', 'shard', 'score', 'collect_rollouts', 'Batch', 'check_batch',
+           'take', 'batch_rows', 'log', 'write_state', 'read_state', 'save_checkpoint', 'refuse_pickles',
+           'checkpoint_problem', 'checkpoint_step', 'find_checkpoint', 'load_checkpoint', 'undocumented_metrics',
+           'read_metrics', 'MetricsFigure', 'ema', 'plot_metrics', 'seed_band', 'diagnose', 'describe_run', 'check_out',
+           'run_identity', 'config_changes', 'acquire_lock', 'release_lock', 'remove_stale_temps', 'write_atomic',
+           'Interrupted', 'Stopper', 'adapt_policy', 'check_generator', 'on_cpu', 'train', 'setup_run', 'build_run',
+           'over_processes']
 
 # %% ../nbs/04_train.ipynb #2ef5d676
 import dataclasses
@@ -38,6 +39,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -1023,7 +1025,7 @@ def check_out(cfg: TrainConfig) -> None:
 
 
 RESUMABLE = ("steps", "save_every", "eval_every", "grad_accum", "device", "out", "resume", "overwrite",
-             "allow_config_change", "progress", "report_to")  # may change when a run is resumed; every other field may not
+             "allow_config_change", "progress", "report_to", "vllm_gpu_memory_utilization")  # may change when a run is resumed; every other field may not
 
 
 def _plain(obj):  # obj as JSON values, memory addresses removed from reprs
@@ -1256,6 +1258,10 @@ def train(
     accelerator = Accelerator(cpu=on_cpu(cfg), mixed_precision=cfg.mixed_precision,
                               log_with=REPORT_TO[cfg.report_to], project_dir=cfg.out)
     check_config(cfg, accelerator.num_processes)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RLBookError(f"accelerate's {accelerator.distributed_type.value} is not supported by this loop: with sharded "
+                          "weights every process must decode in lockstep and evaluate together, and DeepSpeed takes over "
+                          "the optimizer step; launch with configs/ddp.yaml (chapter scale)")
     seed_everything(cfg.seed)
     if policy is None:
         policy, tokenizer = load_policy(model, device=accelerator.device, seed=cfg.seed)
@@ -1337,8 +1343,14 @@ def build_run(
     setup_run(method, run)
     if cfg.generator != "builtin":
         check_generator(cfg, method)
+        if is_environment(task):
+            raise RLBookError(f"--generator {cfg.generator}: the episodes of {getattr(task, 'name', cfg.task)} are "
+                              "played turn by turn by the policy itself (chapter agents); use --generator builtin")
         run.sampler = SAMPLERS[cfg.generator](run)
     return run
+
+
+TOTALS = ("turns/total",)  # statistics that count the whole step: summed over processes, not averaged
 
 
 def over_processes(
@@ -1347,14 +1359,18 @@ def over_processes(
     summed: bool = False,  # True: the values are parts of one total (a loss under the minibatch's normalisers); False: means
 ) -> dict:  # the statistics of the whole step, the same on every process (one process: stats itself)
     "A step's statistics over all processes: parts of a loss summed, means averaged (NaN, 'no such rows here', left out)."
-    if accelerator.num_processes == 1 or not stats:
+    if accelerator.num_processes == 1:
         return stats
-    keys = [k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    vals = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    mine = [k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    every = [None] * accelerator.num_processes  # the names first: a statistic one process lacks must not shift the others
+    torch.distributed.all_gather_object(every, mine)
+    keys = list(dict.fromkeys(k for names in every for k in names))
+    vals = torch.tensor([float(stats.get(k, math.nan)) for k in keys], dtype=torch.float64, device=accelerator.device)
     seen = ~torch.isnan(vals)
     total = accelerator.reduce(torch.stack([torch.where(seen, vals, 0.0), seen.double()]), reduction="sum")
-    out = total[0] if summed else total[0] / total[1]
-    return {**stats, **{k: float(v) if n > 0 else float("nan") for k, v, n in zip(keys, out, total[1])}}
+    add = [summed or k in TOTALS for k in keys]  # a total over the step (turns/total) adds up like a loss's parts
+    out = [s if a else s / n for s, n, a in zip(total[0].tolist(), total[1].tolist(), add)]
+    return {**stats, **{k: v if n > 0 else math.nan for k, v, n in zip(keys, out, total[1].tolist())}}
 
 
 def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_fn, make_optimizer) -> Run:

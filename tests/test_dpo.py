@@ -291,14 +291,15 @@ def test_pairs_from_a_dataset_object_train_as_from_a_file(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(_json.dumps(r) + "\n" for r in records))
     weights = {}
-    for name, source in (("file", str(path)), ("dataset", Dataset.from_list(records))):
+    for name, source in (("file", str(path)), ("path", path), ("dataset", Dataset.from_list(records))):
         run = train(DPO.config(steps=1, batch_size=16, eval_n=4, device="cpu", progress=False, out=str(tmp_path / name)),
                     DPO, options=dataclasses.replace(DPO.options, pairs_path=source),
                     make_optimizer=lambda params, c: torch.optim.SGD(params, lr=0.05))
         weights[name] = run.model.state_dict()
         start = run.ref.state_dict()  # the frozen copy of the starting policy
         assert max(float((weights[name][k] - start[k]).abs().max()) for k in start) > 1e-4  # it trained
-    assert max(float((weights["file"][k] - weights["dataset"][k]).abs().max()) for k in weights["file"]) < 1e-7
+    for other in ("path", "dataset"):
+        assert max(float((weights["file"][k] - weights[other][k]).abs().max()) for k in weights["file"]) < 1e-7
     with pytest.raises(RLBookError, match="pairs_path must be a file name, a hub id or a datasets.Dataset, got a list"):
         train(DPO.config(steps=1, out=str(tmp_path / "bad"), progress=False), DPO,
               options=dataclasses.replace(DPO.options, pairs_path=records))

@@ -150,3 +150,17 @@ def test_shipped_warm_starts_keep_their_names():
     from rlbook.train import TrainConfig
     for recipe in (WARM_START, SLOPPY_WARM_START):
         assert (shipped_root() / warm_start_name(TrainConfig(**recipe)) / "model" / "config.json").exists(), recipe
+
+
+def test_statistics_over_processes_with_different_names(tmp_path):
+    "over_processes: means averaged, parts and totals summed, a statistic one process lacks (or has as NaN) left out there."
+    script = Path(__file__).with_name("dist_update.py")
+    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29521", str(script),
+                        str(tmp_path), "stats"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads((tmp_path / "stats.json").read_text())
+    assert got["means"]["reward/mean"] == pytest.approx(0.7)  # (0.2 + 1.2) / 2
+    assert got["means"]["turns/total"] == pytest.approx(7)  # 3 + 4: a total
+    assert got["means"]["len/wrong"] == pytest.approx(4.0)  # only process 1 has it
+    assert got["means"]["entropy"] == pytest.approx(0.5)  # process 0's NaN left out
+    assert got["parts"]["loss"] == pytest.approx(4.0)  # 1.5 + 2.5
