@@ -10,8 +10,8 @@ __all__ = ['CHAIN_OPS', 'CHAIN_WARM_START', 'IS_CORRECTIONS', 'CHAIN_DEFAULTS', 
            'prm_objective', 'prime_advantages', 'PRIMEConfig', 'prime_setup', 'prime_keep', 'prime_advantage',
            'prime_objective', 'cispo_loss', 'sapo_loss', 'token_truncated_is', 'token_masked_is',
            'sequence_truncated_is', 'sequence_masked_is', 'importance_corrected_kl', 'weighted', 'OffPolicyConfig',
-           'check_offpolicy', 'offpolicy_setup', 'offpolicy_collect', 'offpolicy_objective', 'grpo_surrogate',
-           'cispo_surrogate', 'sapo_surrogate']
+           'check_offpolicy', 'offpolicy_setup', 'offpolicy_collect', 'correct_sampler', 'offpolicy_objective',
+           'grpo_surrogate', 'cispo_surrogate', 'sapo_surrogate']
 
 # %% ../nbs/41_dense_credit.ipynb #3b393379
 import copy
@@ -564,21 +564,34 @@ def offpolicy_collect(run: Run) -> tuple[dict, dict]:  # GRPO's batch + logp_sam
         if run.step % o.sync_every == 0:  # the sampler catches up with the trainer
             sampler.load_state_dict(run.model.state_dict())
     batch, stats = GRPO.collect(replace(run, policy=sampler))
+    return batch, {**stats, **correct_sampler(run, batch, mode=o.tis_mode, cap=o.tis_cap)}
+
+
+def correct_sampler(
+    run: Run,  # the run: its policy is the trainer
+    batch: dict,  # a batch another sampler drew; its logp_old holds the sampler's log-probs
+    *,
+    mode: str = "token_truncate",  # a key of IS_CORRECTIONS
+    cap: float = 0.0,  # C of @eq-tis; 0: no weights
+) -> dict:  # stats: kl/sampler, and is/weight_mean, is/truncfrac when weighted
+    "The trainer's own log pi_old (the sampler's kept as logp_sampler), the sampler's KL, and the weights of @eq-tis."
     mask = batch["completion_mask"]
+    was_training = run.model.training
+    run.model.eval()  # as a sampler scores its tokens: no dropout in log pi_old
     with torch.no_grad():
         out = completion_logprobs(run.model, batch["input_ids"], batch["attention_mask"],
                                   mask.shape[1], temperature=run.cfg.temperature)
-        logp_old = out["logp"] * mask
+    run.model.train(was_training)
+    logp_old = out["logp"] * mask
     batch["logp_sampler"], batch["logp_old"] = batch["logp_old"], logp_old
     # k1 estimate of KL(sampler || trainer) on the sampled tokens
-    stats["kl/sampler"] = token_mean(batch["logp_sampler"] - logp_old, mask).item()
-    if o.tis_cap > 0:
+    stats = {"kl/sampler": token_mean(batch["logp_sampler"] - logp_old, mask).item()}
+    if cap > 0:
         w_raw = torch.exp(logp_old - batch["logp_sampler"])
-        correction = IS_CORRECTIONS[o.tis_mode]
-        batch["is_weight"] = correction(logp_old, batch["logp_sampler"], mask, cap=o.tis_cap)
+        batch["is_weight"] = IS_CORRECTIONS[mode](logp_old, batch["logp_sampler"], mask, cap=cap)
         stats["is/weight_mean"] = token_mean(batch["is_weight"], mask).item()
-        stats["is/truncfrac"] = token_mean((w_raw > o.tis_cap).float(), mask).item()
-    return batch, stats
+        stats["is/truncfrac"] = token_mean((w_raw > cap).float(), mask).item()
+    return stats
 
 
 def _kl_term(o: OffPolicyConfig, logp: torch.Tensor, mb: dict, agg, kw: dict):  # beta * agg(KL), or 0

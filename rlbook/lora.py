@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['KNOWN_CONFIGS', 'BYTES', 'trainable_parameters', 'merge_adapter', 'model_shape', 'adapted_layers', 'lora_parameters',
-           'method_memory', 'memory_estimate']
+           'method_memory', 'memory_estimate', 'step_peak']
 
 # %% ../nbs/71_lora.ipynb #c7100004
 import os
@@ -173,9 +173,18 @@ def memory_estimate(
         "activations": (b * seq * d * p * L + block) if gradient_checkpointing else block * L + b * seq * d * p,
         "logits": 3 * b * (T + 1) * V * 4,
     }
-    sampling = out["kv_cache"] + 3 * batch_size * V * 4  # the cache, and one step's logits, noise and probabilities
-    training = out["gradients"] + out["optimizer"] + out["activations"] + out["logits"]
-    out["peak"] = out["weights"] + out["reference"] + out["critic"] + max(sampling, training)
+    out["peak"] = step_peak(out, batch_size, V)
     out.update(params=N, trainable=n_train)
     return out
+
+
+def step_peak(
+    parts: dict,  # memory_estimate's parts (bytes)
+    batch_size: int,  # sequences sampled at once
+    vocab: int,  # V
+) -> int:  # the step's peak
+    "Weights, reference and critic stay; sampling (the KV cache, one step's logits, noise and probabilities) and the training pass come one after the other."
+    sampling = parts["kv_cache"] + 3 * batch_size * vocab * 4
+    training = parts["gradients"] + parts["optimizer"] + parts["activations"] + parts["logits"]
+    return parts["weights"] + parts["reference"] + parts["critic"] + max(sampling, training)
 

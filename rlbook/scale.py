@@ -14,9 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .dense_credit import IS_CORRECTIONS
-from .logprobs import completion_logprobs, token_mean
-from .lora import memory_estimate, model_shape
+from .dense_credit import correct_sampler
+from .lora import memory_estimate, model_shape, step_peak
 from .models import RLBookError, frozen_copy
 from .rollout import Rollout, encode_prompts, generate
 from .train import SAMPLERS
@@ -48,9 +47,7 @@ def per_process_memory(
     est = memory_estimate(model, batch_size=share, **estimate)
     for part in SHARDED[strategy]:
         est[part] = -(-est[part] // processes)
-    sampling = est["kv_cache"] + 3 * share * model_shape(model)["V"] * 4  # as memory_estimate counts it
-    training = est["gradients"] + est["optimizer"] + est["activations"] + est["logits"]
-    est["peak"] = est["weights"] + est["reference"] + est["critic"] + max(sampling, training)
+    est["peak"] = step_peak(est, share, model_shape(model)["V"])
     return est
 
 
@@ -96,24 +93,10 @@ def sampler_correction(
     run,  # the run: its policy (the trainer), its config (temperature, the vllm_importance_sampling_* settings)
     batch: dict,  # collect_rollouts' batch, whose logp_old the engine wrote
 ) -> dict:  # stats: kl/sampler, and is/weight_mean, is/truncfrac when the correction is on
-    "The trainer's own log pi_old for the batch (the engine's kept as logp_sampler) and the weights of @eq-engine-tis."
-    cfg, mask = run.cfg, batch["completion_mask"]
-    was_training = run.model.training
-    run.model.eval()  # as the builtin sampler scores its tokens: no dropout in log pi_old
-    with torch.no_grad():
-        logp_old = completion_logprobs(run.model, batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                       temperature=cfg.temperature)["logp"].float() * mask
-    run.model.train(was_training)
-    batch["logp_sampler"], batch["logp_old"] = batch["logp_old"], logp_old
-    log_ratio = (logp_old - batch["logp_sampler"]) * mask  # log pi_old / mu per token
-    stats = {"kl/sampler": token_mean(-log_ratio, mask).item()}  # k1 estimate of KL(mu || pi_old) on mu's samples
-    if cfg.vllm_importance_sampling_correction:
-        cap = cfg.vllm_importance_sampling_clip_max
-        batch["is_weight"] = IS_CORRECTIONS[cfg.vllm_importance_sampling_mode](logp_old, batch["logp_sampler"], mask,
-                                                                              cap=cap)
-        stats["is/weight_mean"] = token_mean(batch["is_weight"], mask).item()
-        stats["is/truncfrac"] = token_mean((log_ratio.exp() > cap).float(), mask).item()
-    return stats
+    "Chapter dense_credit's `correct_sampler` with --generator's settings: the trainer's log pi_old and the weights of @eq-engine-tis."
+    cfg = run.cfg
+    return correct_sampler(run, batch, mode=cfg.vllm_importance_sampling_mode,
+                           cap=cfg.vllm_importance_sampling_clip_max if cfg.vllm_importance_sampling_correction else 0.0)
 
 
 class Sampler:

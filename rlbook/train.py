@@ -12,7 +12,7 @@ __all__ = ['EVAL_SEED', 'POSITIVE', 'OPTIMIZERS', 'REPORT_TO', 'COUNTS', 'REALS'
            'read_metrics', 'MetricsFigure', 'ema', 'plot_metrics', 'seed_band', 'diagnose', 'describe_run', 'check_out',
            'run_identity', 'config_changes', 'acquire_lock', 'release_lock', 'remove_stale_temps', 'write_atomic',
            'Interrupted', 'Stopper', 'adapt_policy', 'check_generator', 'on_cpu', 'train', 'setup_run', 'build_run',
-           'over_processes']
+           'summed_over_processes', 'over_processes']
 
 # %% ../nbs/04_train.ipynb #2ef5d676
 import dataclasses
@@ -1216,10 +1216,17 @@ def adapt_policy(
 SAMPLERS = {}
 
 
-def check_generator(cfg: TrainConfig, method: Method) -> None:
-    "RLBookError for an engine this method cannot use, or one whose builder is not registered. Builds nothing."
+def check_generator(
+    cfg: TrainConfig,  # its generator
+    method: Method,  # the method that would use the engine
+    task=None,  # the task, once known: an environment's episodes are played by the policy itself
+) -> None:
+    "RLBookError for an engine this method (or task) cannot use, or one whose builder is not registered. Builds nothing."
     if cfg.generator == "builtin":
         return
+    if task is not None and is_environment(task):
+        raise RLBookError(f"--generator {cfg.generator}: the episodes of {getattr(task, 'name', cfg.task)} are played "
+                          "turn by turn by the policy itself (chapter agents); use --generator builtin")
     if not method.external_sampler:
         raise RLBookError(f"--generator {cfg.generator}: {method.name}'s loss does not take the importance weights that "
                           "another engine's samples need (the GRPO family's does: grpo, dr_grpo, dapo, lite_ppo, gspo); "
@@ -1269,9 +1276,7 @@ def train(
     task = get_task(cfg.task) if task is None else task
     if hasattr(task, "with_tokenizer"):  # a Task whose prompts need the policy's chat template (chapter `data`)
         task = task.with_tokenizer(tokenizer)
-    if cfg.generator != "builtin" and is_environment(task):
-        raise RLBookError(f"--generator {cfg.generator}: the episodes of {getattr(task, 'name', cfg.task)} are played "
-                          "turn by turn by the policy itself (chapter agents); use --generator builtin")
+    check_generator(cfg, method, task)
     out = Path(cfg.out)
     created = not out.exists()
     if accelerator.is_main_process:
@@ -1342,10 +1347,7 @@ def build_run(
               accelerator=Accelerator(cpu=on_cpu(cfg)), options=options)
     setup_run(method, run)
     if cfg.generator != "builtin":
-        check_generator(cfg, method)
-        if is_environment(task):
-            raise RLBookError(f"--generator {cfg.generator}: the episodes of {getattr(task, 'name', cfg.task)} are "
-                              "played turn by turn by the policy itself (chapter agents); use --generator builtin")
+        check_generator(cfg, method, task)
         run.sampler = SAMPLERS[cfg.generator](run)
     return run
 
@@ -1353,12 +1355,16 @@ def build_run(
 TOTALS = ("turns/total",)  # statistics that count the whole step: summed over processes, not averaged
 
 
+def summed_over_processes(name: str) -> bool:  # does this statistic add up over processes (else: it is averaged)?
+    # the loss and its parts: each process holds its part under the whole minibatch's normalisers
+    return name in TOTALS or name == "loss" or name.startswith("loss/")
+
+
 def over_processes(
     accelerator,  # the run's Accelerator
     stats: dict,  # this process's statistics of its share of the step
-    summed: bool = False,  # True: the values are parts of one total (a loss under the minibatch's normalisers); False: means
 ) -> dict:  # the statistics of the whole step, the same on every process (one process: stats itself)
-    "A step's statistics over all processes: parts of a loss summed, means averaged (NaN, 'no such rows here', left out)."
+    "A step's statistics over all processes: losses and totals summed, means averaged (NaN, 'no such rows here', left out)."
     if accelerator.num_processes == 1:
         return stats
     mine = [k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -1368,8 +1374,7 @@ def over_processes(
     vals = torch.tensor([float(stats.get(k, math.nan)) for k in keys], dtype=torch.float64, device=accelerator.device)
     seen = ~torch.isnan(vals)
     total = accelerator.reduce(torch.stack([torch.where(seen, vals, 0.0), seen.double()]), reduction="sum")
-    add = [summed or k in TOTALS for k in keys]  # a total over the step (turns/total) adds up like a loss's parts
-    out = [s if a else s / n for s, n, a in zip(total[0].tolist(), total[1].tolist(), add)]
+    out = [s if summed_over_processes(k) else s / n for k, s, n in zip(keys, total[0].tolist(), total[1].tolist())]
     return {**stats, **{k: v if n > 0 else math.nan for k, v, n in zip(keys, out, total[1].tolist())}}
 
 
@@ -1466,11 +1471,7 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
                     optimizer.step()
                     scheduler.step()
                     n_updates += 1
-            means = {k: v / n_updates for k, v in sums.items()}
-            parts = {k: v for k, v in means.items() if k == "loss" or k.startswith("loss/")}  # each process holds its part
-            whole = {**over_processes(accelerator, {k: v for k, v in means.items() if k not in parts}),
-                     **over_processes(accelerator, parts, summed=True)}
-            row.update({k: whole[k] for k in means})
+            row.update(over_processes(accelerator, {k: v / n_updates for k, v in sums.items()}))
             clash = evaluated & (set(stats) | set(sums))  # a training stat would silently replace an eval metric
             if clash:
                 raise RLBookError(f"evaluation and training both report {sorted(clash)}: name evaluation metrics eval/...")

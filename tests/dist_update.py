@@ -21,6 +21,7 @@ import torch
 
 import rlbook.rollout as rollout
 from rlbook.cli import METHODS
+from rlbook.scale import rollout_from_tokens
 from rlbook.train import step_seed, train
 
 out = Path(sys.argv[1])
@@ -32,7 +33,7 @@ if sys.argv[2:] == ["stats"]:  # over_processes with statistics that differ betw
     r = acc.process_index
     mine = {"reward/mean": 0.2 + r, "turns/total": 3 + r, **({"len/wrong": 4.0} if r == 1 else {}),
             "entropy": float("nan") if r == 0 else 0.5}
-    got = {"means": over_processes(acc, mine), "parts": over_processes(acc, {"loss": 1.5 + r}, summed=True)}
+    got = {"means": over_processes(acc, mine), "parts": over_processes(acc, {"loss": 1.5 + r})}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.json").write_text(json.dumps(got))
@@ -40,38 +41,20 @@ if sys.argv[2:] == ["stats"]:  # over_processes with statistics that differ betw
 RANK = int(os.environ.get("RANK", "0"))
 _generate = rollout.generate
 STEP = {"n": 0}  # the step being sampled (one step per run here)
-PAD = 0  # the tokenizer's pad id, set on the first call
-
-
-def _pad(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
-    extra = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
-    return torch.cat([extra, t] if left else [t, extra], 1)
-
-
-def cat_rollouts(parts: list) -> rollout.Rollout:
-    "Rollouts of consecutive groups as one: prompts left-padded, completions right-padded to the longest."
-    P = max(r.prompt_ids.shape[1] for r in parts)
-    T = max(r.completion_ids.shape[1] for r in parts)
-    return rollout.Rollout(
-        prompt_ids=torch.cat([_pad(r.prompt_ids, P, PAD, True) for r in parts]),
-        prompt_mask=torch.cat([_pad(r.prompt_mask, P, 0, True) for r in parts]),
-        completion_ids=torch.cat([_pad(r.completion_ids, T, PAD, False) for r in parts]),
-        completion_mask=torch.cat([_pad(r.completion_mask, T, 0, False) for r in parts]),
-        logp=torch.cat([_pad(r.logp, T, 0.0, False) for r in parts]),
-        truncated=torch.cat([r.truncated for r in parts]),
-        prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
-        group_size=parts[0].group_size, temperature=parts[0].temperature)
 
 
 def groupwise_generate(model, tokenizer, prompts, *, generator=None, **kw):
     "generate, one prompt group at a time, each from the stream of its place in the whole step."
-    global PAD
-    PAD = tokenizer.pad_token_id
     if kw.get("temperature", 1.0) == 0:  # greedy (ReMax's baseline, evaluation): no stream to align
         return _generate(model, tokenizer, prompts, generator=generator, **kw)
     first = RANK * len(prompts)  # shards are contiguous and equal: this process holds groups first, first + 1, ...
-    return cat_rollouts([_generate(model, tokenizer, [p], generator=torch.Generator().manual_seed(
-        step_seed(1234, STEP["n"], first + i)), **kw) for i, p in enumerate(prompts)])
+    parts = [_generate(model, tokenizer, [p], generator=torch.Generator().manual_seed(step_seed(1234, STEP["n"], first + i)),
+                       **kw) for i, p in enumerate(prompts)]
+    rows = [(ids[m.bool()].tolist(), lp[m.bool()].tolist())
+            for ro in parts for ids, m, lp in zip(ro.completion_ids, ro.completion_mask, ro.logp)]
+    return rollout_from_tokens(tokenizer, prompts, [r[0] for r in rows], [r[1] for r in rows],  # the groups as one Rollout
+                               group_size=kw.get("group_size", 1), temperature=kw.get("temperature", 1.0),
+                               max_new_tokens=kw.get("max_new_tokens"), device=parts[0].completion_ids.device)
 
 
 rollout.generate = groupwise_generate
