@@ -18,7 +18,7 @@ from .preference_data import (PreferenceTask, encode_preferences, epoch_indices,
                                     pair_logprobs, register_examples)
 from .rollout import generate
 from .sft import WARM_START_MODEL
-from .train import Method, Run, collect_rollouts, shard, with_reference
+from .train import Method, Run, collect_rollouts, shard, whole_state_dict, with_reference
 
 # %% ../nbs/31_online_dpo.ipynb #3f208447
 def xpo_bonus_loss(
@@ -67,7 +67,7 @@ def sync_reference(
     "Iterative DPO / SPIN: pi_ref <- pi_theta at the start of every iteration of `every` steps."
     if not every or run.ref is None or run.step == 0 or run.step % every:
         return False
-    run.ref.load_state_dict(run.model.state_dict())
+    run.ref.load_state_dict(whole_state_dict(run.model))  # gathered from every process under FSDP
     run.ref_step = run.step  # the reference is now part of the run's state: checkpoints save it
     return True
 

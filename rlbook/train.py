@@ -7,12 +7,13 @@ __all__ = ['EVAL_SEED', 'POSITIVE', 'OPTIMIZERS', 'REPORT_TO', 'COUNTS', 'REALS'
            'MODEL_NAMES', 'PICKLES', 'METRICS', 'LEADING', 'RUN_FILES', 'SETUP_FILES', 'LOCK', 'RESUMABLE', 'SAMPLERS',
            'TOTALS', 'TrainConfig', 'flag', 'check_config', 'step_seed', 'Run', 'resolve_model', 'Method',
            'reference_of', 'with_reference', 'place', 'shard', 'score', 'collect_rollouts', 'Batch', 'check_batch',
-           'take', 'batch_rows', 'log', 'write_state', 'read_state', 'save_checkpoint', 'refuse_pickles',
-           'checkpoint_problem', 'checkpoint_step', 'find_checkpoint', 'load_checkpoint', 'undocumented_metrics',
-           'read_metrics', 'MetricsFigure', 'ema', 'plot_metrics', 'seed_band', 'diagnose', 'describe_run', 'check_out',
-           'run_identity', 'config_changes', 'acquire_lock', 'release_lock', 'remove_stale_temps', 'write_atomic',
-           'Interrupted', 'Stopper', 'adapt_policy', 'check_generator', 'on_cpu', 'train', 'setup_run', 'build_run',
-           'summed_over_processes', 'over_processes']
+           'take', 'batch_rows', 'log', 'write_state', 'read_state', 'whole_state_dict', 'save_checkpoint',
+           'refuse_pickles', 'checkpoint_problem', 'checkpoint_step', 'find_checkpoint', 'load_checkpoint',
+           'undocumented_metrics', 'read_metrics', 'MetricsFigure', 'ema', 'plot_metrics', 'seed_band', 'diagnose',
+           'describe_run', 'check_out', 'run_identity', 'config_changes', 'acquire_lock', 'release_lock',
+           'remove_stale_temps', 'write_atomic', 'Interrupted', 'Stopper', 'adapt_policy', 'check_generator', 'on_cpu',
+           'check_sharding', 'train', 'setup_run', 'build_run', 'summed_over_processes', 'over_processes',
+           'clip_gradients']
 
 # %% ../nbs/04_train.ipynb #2ef5d676
 import dataclasses
@@ -48,7 +49,7 @@ from transformers import PreTrainedModel
 from .logprobs import completion_logprobs, token_mean
 from .models import (RLBookError, AdapterDisabled, apply_lora, frozen_copy, has_adapters, load_adapter_weights,
                            load_policy, seed_everything)
-from .rollout import evaluate, is_environment, play
+from .rollout import evaluate, is_environment, play, sharded
 from .tasks import checked_rewards, get_task
 
 # %% ../nbs/04_train.ipynb #9edfd289
@@ -569,6 +570,17 @@ def _digest(path: Path) -> str:  # sha256 of a file, flushed to the disk on the 
     return h.hexdigest()
 
 
+def whole_state_dict(
+    module,  # a model or module of the run, possibly sharded over processes
+    main_only: bool = False,  # sharded: gather onto the main process's CPU only (a checkpoint); else onto every process
+) -> dict:  # name -> tensor, every weight whole (others get {} when main_only)
+    "The module's state_dict, with weights sharded over processes (FSDP) gathered whole: a collective, called on every process."
+    if not sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=main_only))
+
+
 def save_checkpoint(
     run: Run,  # the run to save
     optimizer,  # its optimizer
@@ -580,14 +592,18 @@ def save_checkpoint(
     out = Path(run.cfg.out)
     final, tmp, old = out / "checkpoint", out / f"checkpoint.tmp{os.getpid()}", out / "checkpoint.old"
     run.accelerator.wait_for_everyone()
+    lockstep = sharded(run.model)  # FSDP: every process sends its shards; the main process writes whole tensors
+    weights = whole_state_dict(run.model, main_only=True) if lockstep else None
+    modules = {k: whole_state_dict(m, main_only=True) for k, m in run.modules.items()}
+    optim = optimizer.state_dict() if not lockstep else _whole_optimizer_state(run, optimizer, "get")
     if run.accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        run.model.save_pretrained(tmp / "model")
+        run.model.save_pretrained(tmp / "model", **({"state_dict": weights} if lockstep else {}))
         run.tokenizer.save_pretrained(tmp / "model")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        write_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "modules": {k: m.state_dict() for k, m in run.modules.items()},
+        write_state({"optimizer": optim, "scheduler": scheduler.state_dict(),
+                     "modules": modules,
                      "ref": run.ref.state_dict() if run.ref is not None and run.ref_step else None,
                      "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch": torch.get_rng_state(), "cuda": cuda}}, tmp)
@@ -603,6 +619,16 @@ def save_checkpoint(
         tmp.rename(final)  # a kill before this line leaves checkpoint.old complete
     run.accelerator.wait_for_everyone()
     return final
+
+
+def _whole_optimizer_state(run, optimizer, how: str, state=None):  # FSDP: the optimizer's state, whole, keyed by names
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    owner = torch.nn.ModuleDict({"policy": run.policy, **run.modules})  # every module the optimizer updates
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    if how == "get":
+        return get_optimizer_state_dict(owner, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    set_optimizer_state_dict(owner, inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def refuse_pickles(path: Path) -> None:
@@ -678,16 +704,25 @@ def load_checkpoint(
     if why is not None:
         raise RLBookError(f"{path} cannot be loaded: {why}")
     progress = json.loads((path / "progress.json").read_text())
+    lockstep = sharded(run.model)  # FSDP: each process takes its shards of the whole tensors
+    if lockstep:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        put = lambda m, sd: set_model_state_dict(m, sd, options=StateDictOptions(full_state_dict=True))  # noqa: E731
+    else:
+        put = lambda m, sd: m.load_state_dict(sd)  # noqa: E731
     if has_adapters(run.model):  # a LoRA run saved only its adapters (chapter `lora`)
         load_adapter_weights(run.model, path / "model")
     else:
-        saved, _ = load_policy(str(path / "model"), device=run.device)
-        run.model.load_state_dict(saved.state_dict())
+        saved, _ = load_policy(str(path / "model"), device="cpu" if lockstep else run.device)
+        put(run.model, saved.state_dict())
     state = read_state(path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     for k, m in run.modules.items():
-        m.load_state_dict(state["modules"][k])
+        put(m, state["modules"][k])
+    if lockstep:
+        _whole_optimizer_state(run, optimizer, "set", state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     if state["ref"] is not None:
         if run.ref is None:
             raise RLBookError(f"{path} holds a refreshed reference policy, but this run has none")
@@ -1001,7 +1036,8 @@ def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if not out.is_dir():
         return
-    names = {p.name for p in out.iterdir() if p.name != LOCK and _temp_of(p.name) is None}
+    names = {p.name for p in out.iterdir() if p.name != LOCK and _temp_of(p.name) is None
+             and not p.name.startswith(".rlbook-probe")}  # another process's write test, gone in a moment
     foreign = sorted(names - set(RUN_FILES) - set(SETUP_FILES))
     if foreign and not cfg.overwrite:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
@@ -1243,6 +1279,35 @@ def on_cpu(cfg: TrainConfig) -> bool:  # does the run train on the CPU (asked fo
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
+def check_sharding(
+    cfg: TrainConfig,  # use_peft and generator
+    accelerator,  # the run's Accelerator: how accelerate splits the model over processes
+    task=None,  # the task, once known
+) -> None:
+    "RLBookError for a split of the model over processes that this loop cannot run (DeepSpeed, FSDP1, FSDP with LoRA, another engine or an environment)."
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise RLBookError("accelerate's DeepSpeed is not supported: its engine takes the optimizer step inside backward and "
+                          "divides the loss by its own accumulation count, overriding the loop's micro-batches and "
+                          "normalisers; shard with configs/fsdp.yaml (ZeRO-3's split) or replicate with configs/ddp.yaml "
+                          "(chapter scale)")
+    if kind != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise RLBookError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(configs/fsdp.yaml, chapter scale)")
+    if cfg.use_peft:
+        raise RLBookError("--use-peft with FSDP is not supported: adapters are small, so replicate them with "
+                          "configs/ddp.yaml (chapter scale)")
+    if cfg.generator != "builtin":
+        raise RLBookError(f"--generator {cfg.generator} with FSDP is not supported: the engine would need the whole "
+                          "weights after every update; use --generator builtin, or configs/ddp.yaml (chapter scale)")
+    if task is not None and is_environment(task):
+        raise RLBookError(f"{getattr(task, 'name', cfg.task)} with FSDP is not supported: its episodes take a different "
+                          "number of turns on each process, and sharded weights need the same number of forward passes "
+                          "everywhere; use configs/ddp.yaml (chapter scale)")
+
+
 def train(
     cfg: TrainConfig,  # what to train, how long, where to write
     method: Method,  # what to collect, what to minimise, what to build besides the policy (its setup)
@@ -1265,10 +1330,7 @@ def train(
     accelerator = Accelerator(cpu=on_cpu(cfg), mixed_precision=cfg.mixed_precision,
                               log_with=REPORT_TO[cfg.report_to], project_dir=cfg.out)
     check_config(cfg, accelerator.num_processes)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise RLBookError(f"accelerate's {accelerator.distributed_type.value} is not supported by this loop: with sharded "
-                          "weights every process must decode in lockstep and evaluate together, and DeepSpeed takes over "
-                          "the optimizer step; launch with configs/ddp.yaml (chapter scale)")
+    check_sharding(cfg, accelerator)
     seed_everything(cfg.seed)
     if policy is None:
         policy, tokenizer = load_policy(model, device=accelerator.device, seed=cfg.seed)
@@ -1277,6 +1339,7 @@ def train(
     if hasattr(task, "with_tokenizer"):  # a Task whose prompts need the policy's chat template (chapter `data`)
         task = task.with_tokenizer(tokenizer)
     check_generator(cfg, method, task)
+    check_sharding(cfg, accelerator, task)
     out = Path(cfg.out)
     created = not out.exists()
     if accelerator.is_main_process:
@@ -1378,6 +1441,18 @@ def over_processes(
     return {**stats, **{k: v if n > 0 else math.nan for k, v, n in zip(keys, out, total[1].tolist())}}
 
 
+def clip_gradients(
+    accelerator,  # the run's Accelerator
+    params: list,  # every trained parameter (of the policy and the modules)
+    max_norm: float,  # the largest norm allowed (math.inf: none)
+) -> torch.Tensor:  # the norm of all their gradients together, before clipping
+    "Clip the gradients of all parameters together by their global norm; with FSDP the norm of the whole gradient, not of a shard."
+    if not accelerator.is_fsdp2:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # DTensor gradients: each shard's share, summed over processes
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_fn, make_optimizer) -> Run:
     out = Path(cfg.out)
     log_path = out / "metrics.jsonl"
@@ -1395,18 +1470,25 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
         procs = f" over {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         log(f"{method.name} on {getattr(run.task, 'name', cfg.task)} with {cfg.model}: {cfg.steps} steps x "
             f"{cfg.batch_size} sequences{procs} -> {cfg.out}")
-    params = [p for p in run.policy.parameters() if p.requires_grad]
-    params += [p for m in run.modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = (make_optimizer(params, cfg) if make_optimizer else
+    if accelerator.is_fsdp2:  # sharded in place, each model on its own (accelerate's prepare takes one model with FSDP)
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+        for m in (run.policy, *run.modules.values()):
+            fsdp2_prepare_model(accelerator, m)
+    params = [p for m in (run.policy, *run.modules.values()) for p in m.parameters() if p.requires_grad]
+    optimizer = (make_optimizer(params, cfg) if make_optimizer else  # FSDP: over the sharded parameters
                  torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                    fused=True if cfg.optim == "adamw_torch_fused" else None))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: min(1.0, (u + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    run.policy, optimizer = accelerator.prepare(run.policy, optimizer)
-    run.modules = {k: accelerator.prepare(m) for k, m in run.modules.items()}
+    if accelerator.is_fsdp2:
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        run.policy, optimizer = accelerator.prepare(run.policy, optimizer)
+        run.modules = {k: accelerator.prepare(m) for k, m in run.modules.items()}
     if cfg.generator != "builtin":  # the engine of --generator, built by the builder chapter `scale` registered
         run.sampler = SAMPLERS[cfg.generator](run)
     policy, collect, loss = run.policy, method.collect, method.loss
+    lockstep = sharded(run.model)  # FSDP: every process joins each forward pass, evaluation's included
     identity = run_identity(cfg, method, options)
     start = 0
     ckpt = _resume_point(cfg, out, identity, accelerator) if cfg.resume else None
@@ -1433,7 +1515,7 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
         for step in range(start, cfg.steps):
             run.step = step
             row = {"step": step}
-            if accelerator.is_main_process and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+            if (accelerator.is_main_process or lockstep) and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
                 row.update(evaluate_fn(run))
             evaluated = set(row) - {"step"}
             policy.train()
@@ -1466,7 +1548,7 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
                         sums["loss"] = sums.get("loss", 0.0) + loss_value.item()
                         for k, v in loss_stats.items():
                             sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-                    gn = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                    gn = clip_gradients(accelerator, params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
                     optimizer.step()
                     scheduler.step()
@@ -1500,8 +1582,9 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
                 raise Interrupted(msg)
     bar.close()
     run.step = cfg.steps
+    final = {"step": cfg.steps, **evaluate_fn(run)} if accelerator.is_main_process or lockstep else None
     if accelerator.is_main_process:  # the policy after all updates, logged as step = steps
-        final = {"step": cfg.steps, **evaluate_fn(run), "time": time.time() - t0}
+        final["time"] = time.time() - t0
         with open(log_path, "a") as f:
             f.write(json.dumps(final) + "\n")
         write_atomic(out / "final_eval.json", json.dumps(final, indent=1))

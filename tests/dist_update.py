@@ -22,7 +22,8 @@ import torch
 import rlbook.rollout as rollout
 from rlbook.cli import METHODS
 from rlbook.scale import rollout_from_tokens
-from rlbook.train import step_seed, train
+from rlbook.rollout import sharded
+from rlbook.train import step_seed, train, whole_state_dict
 
 out = Path(sys.argv[1])
 if sys.argv[2:] == ["stats"]:  # over_processes with statistics that differ between the processes, names included
@@ -37,6 +38,37 @@ if sys.argv[2:] == ["stats"]:  # over_processes with statistics that differ betw
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.json").write_text(json.dumps(got))
+    sys.exit(0)
+if sys.argv[2:] == ["lockstep"]:  # generate with weights sharded by torch's fully_shard: the samples of the whole model
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from rlbook.models import load_policy
+    from rlbook.rollout import generate, sharded
+    from rlbook.tasks import get_task
+    from rlbook.train import resolve_model
+    torch.distributed.init_process_group("gloo")
+    r = torch.distributed.get_rank()
+    model, tok = load_policy(resolve_model("tiny-sft", "addition", False), device="cpu")  # the warm start: it ends its answers
+    whole = copy.deepcopy(model)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    prompts = [e.prompt for e in get_task("addition").sample(3 + 2 * r, seed=r, split="test")]  # other prompts, other lengths
+    got = {}
+    for name, m in (("sharded", model), ("whole", whole)):
+        ro = generate(m, tok, prompts, group_size=4, max_new_tokens=16, temperature=[0.3, 2.0][r],  # rank 1 rambles
+                      generator=torch.Generator().manual_seed(r))
+        got[name] = (ro.completion_ids, ro.logp, ro.completion_mask)
+    lengths = [torch.zeros(1, dtype=torch.long) for _ in range(2)]
+    torch.distributed.all_gather(lengths, torch.tensor([got["whole"][0].shape[1]]))
+    report = {"sharded": sharded(model), "plain": sharded(whole), "lengths": [int(x) for x in lengths],
+              "same_tokens": torch.equal(got["sharded"][0], got["whole"][0]),
+              "same_mask": torch.equal(got["sharded"][2], got["whole"][2]),
+              "logp_gap": float((got["sharded"][1] - got["whole"][1]).abs().max())}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"lockstep{r}.json").write_text(json.dumps(report))
     sys.exit(0)
 RANK = int(os.environ.get("RANK", "0"))
 _generate = rollout.generate
@@ -59,6 +91,24 @@ def groupwise_generate(model, tokenizer, prompts, *, generator=None, **kw):
 
 rollout.generate = groupwise_generate
 
+if os.environ.get("RLBOOK_TEST_FSDP") == "1":
+    # accelerate's FSDP with the settings of configs/fsdp.yaml, on CPU processes. accelerate reserves FSDP for GPU-like
+    # backends, but torch's fully_shard runs on gloo: this test alone tells accelerate it has "GPUs" that are the CPU.
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    launch = launch_command_parser().parse_args(["--config_file", str(Path(__file__).parents[1] / "configs" / "fsdp.yaml"),
+                                                 "train.py"])
+    fsdp_env = prepare_multi_gpu_env(_validate_launch_command(launch)[0])  # what `accelerate launch` would set
+    os.environ.update({k: v for k, v in fsdp_env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))},
+                      ACCELERATE_TORCH_DEVICE="cpu")
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    import rlbook.train as _train
+    PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: ("gloo",
+                                                                                             DistributedType.MULTI_GPU)
+    _train.on_cpu = lambda cfg: False
+
 if os.environ.get("RLBOOK_PER_PROCESS_STATS") == "1":  # the bug chapter `scale` measures: each process's own statistics
     import rlbook.train as _train
     _train.Run.reduce_sum = property(lambda self: None)
@@ -72,6 +122,27 @@ SETTINGS = {  # one step each, SGD, a whole-batch minibatch (several minibatches
     "ppo": dict(batch_size=16, group_size=1, minibatch_size=0, epochs=1, lr=0.05, max_new_tokens=6),
     "dpo": dict(batch_size=16, lr=0.05),
 }
+if sys.argv[2:] == ["resume"]:  # two GRPO steps (AdamW) straight, and one step then a resumed second: the same weights
+    from transformers import AutoModelForCausalLM
+
+    def grpo(folder, steps, **kw):
+        cfg = METHODS["grpo"].config(**{**SETTINGS["grpo"], "lr": 1e-3, "steps": steps, "warmup_steps": 0, "eval_n": 4,
+                                        "out": str(out / folder), "device": "cpu", "progress": False, **kw})
+        run = train(cfg, METHODS["grpo"])
+        return run, whole_state_dict(run.model, main_only=True)
+
+    run, straight = grpo("straight", 2)
+    _, first = grpo("resumed", 1)
+    run, resumed = grpo("resumed", 2, resume=True)
+    if run.accelerator.is_main_process:
+        saved = AutoModelForCausalLM.from_pretrained(out / "resumed" / "checkpoint" / "model").state_dict()
+        gaps = {"resume": max(float((straight[k] - resumed[k]).abs().max()) for k in straight),
+                "checkpoint": max(float((saved[k] - resumed[k]).abs().max()) for k in saved),
+                "second_step": max(float((straight[k] - first[k]).abs().max()) for k in straight),
+                "sharded": sharded(run.model), "world": run.world}
+        (out / "resume.json").write_text(json.dumps(gaps))
+    sys.exit(0)
+
 for name in sys.argv[2:]:
     method = METHODS[name]
     cfg = method.config(**{**SETTINGS[name], "steps": 1, "warmup_steps": 0, "eval_n": 4, "out": str(out / name),
@@ -84,14 +155,15 @@ for name in sys.argv[2:]:
         return torch.optim.SGD(params, lr=c.lr)
 
     run = train(cfg, method, make_optimizer=sgd)
-    moved = max(float((p.detach().cpu() - p0.cpu()).abs().max()) for p, p0 in zip(
+    fsdp = sharded(run.model)  # the parameters are this process's shards: the weights are compared whole, below
+    moved = None if fsdp else max(float((p.detach().cpu() - p0.cpu()).abs().max()) for p, p0 in zip(
         [p for p in run.policy.parameters() if p.requires_grad] +
         [p for m in run.modules.values() for p in m.parameters() if p.requires_grad], start))
+    whole = {"policy": whole_state_dict(run.model, main_only=True),  # every process sends its shards
+             **{key: whole_state_dict(run.accelerator.unwrap_model(m), main_only=True) for key, m in run.modules.items()}}
     if run.accelerator.is_main_process:
-        weights = {f"policy.{k}": v.detach().cpu() for k, v in run.model.state_dict().items()}
-        for key, m in run.modules.items():
-            weights.update({f"{key}.{k}": v.detach().cpu() for k, v in run.accelerator.unwrap_model(m).state_dict().items()})
+        weights = {f"{key}.{k}": v.detach().cpu() for key, sd in whole.items() for k, v in sd.items()}
         torch.save(weights, out / f"{name}.pt")
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         (out / f"{name}.json").write_text(json.dumps({**rows[0], "moved": moved}))
-        print(name, "world", run.world)
+        print(name, "world", run.world, "fsdp" if fsdp else "")

@@ -16,6 +16,7 @@ from rlbook.models import RLBookError, load_policy
 from rlbook.ppo import clipped_surrogate
 from rlbook.rollout import generate
 from rlbook.scale import SHARDED, CopySampler, StandInLLM, VLLMSampler, per_process_memory, rollout_from_tokens
+from rlbook.tasks import get_task
 from rlbook.train import build_run, resolve_model, train
 
 BIN = Path(sys.executable).parent
@@ -192,33 +193,63 @@ def test_per_process_memory_splits_what_the_table_says():
         per_process_memory("tiny", processes=3, batch_size=64)
 
 
-def test_the_accelerate_config_is_valid_and_says_how_to_launch():
+def test_the_accelerate_configs_are_valid_and_say_how_to_launch():
     from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
 
     files = sorted((ROOT / "configs").glob("*.yaml"))
-    assert [f.stem for f in files] == ["ddp"]
-    text = files[0].read_text()
-    assert text.startswith("# ") and "accelerate launch --config_file configs/ddp.yaml" in text and "torchrun" in text
-    cfg = ClusterConfig.from_yaml_file(str(files[0]))  # accelerate's own reader: unknown keys are an error
-    assert cfg.num_processes >= 2 and cfg.distributed_type.value == "MULTI_GPU"
+    assert [f.stem for f in files] == ["ddp", "fsdp"]
+    for f in files:
+        text = f.read_text()
+        assert text.startswith("# ") and f"accelerate launch --config_file configs/{f.name}" in text and "torchrun" in text
+        cfg = ClusterConfig.from_yaml_file(str(f))  # accelerate's own reader: unknown keys are an error
+        assert cfg.num_processes >= 2 and str(getattr(cfg.mixed_precision, "value", cfg.mixed_precision)) == "no"  # the run's --mixed-precision decides
+    assert ClusterConfig.from_yaml_file(str(files[0])).distributed_type.value == "MULTI_GPU"
+    args = launch_command_parser().parse_args(["--config_file", str(files[1]), "train.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])  # what `accelerate launch` sets for the processes
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"  # the loop refuses version 1
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_strategies_are_refused_in_one_line(tmp_path, monkeypatch, kind):
-    "The loop decodes and evaluates per process: under FSDP or DeepSpeed it would hang, so it refuses before any model."
+def test_deepspeed_is_refused_in_one_line(tmp_path, monkeypatch):
+    "DeepSpeed's engine steps inside backward with its own accumulation: the loop refuses it before any model."
     import accelerate
     from accelerate.utils import DistributedType
 
     import rlbook.train as train_module
 
-    class Sharded(accelerate.Accelerator):
+    class DeepSpeed(accelerate.Accelerator):
         @property
         def distributed_type(self):
-            return DistributedType[kind]
+            return DistributedType.DEEPSPEED
 
-    monkeypatch.setattr(train_module, "Accelerator", Sharded)
-    with pytest.raises(RLBookError, match=f"accelerate's {kind} is not supported by this loop.*configs/ddp.yaml"):
+    monkeypatch.setattr(train_module, "Accelerator", DeepSpeed)
+    with pytest.raises(RLBookError, match="accelerate's DeepSpeed is not supported.*configs/fsdp.yaml.*configs/ddp.yaml"):
         train(GRPO.config(steps=1, device="cpu", progress=False, out=str(tmp_path / "r")), GRPO)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("fsdp1", "FSDP version 1 is not supported: set fsdp_version: 2"),
+    ("peft", "--use-peft with FSDP is not supported"),
+    ("engine", "--generator copy with FSDP is not supported"),
+    ("environment", "guess_number with FSDP is not supported.*number of turns"),
+])
+def test_what_fsdp_cannot_run_is_refused_in_one_line(case, match):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import rlbook.agents  # noqa: F401  (registers guess_number)
+    from rlbook.train import check_sharding
+    acc = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=case != "fsdp1")
+    cfg = GRPO.config(use_peft=case == "peft", generator="copy" if case == "engine" else "builtin",
+                      task="guess_number" if case == "environment" else "addition")
+    with pytest.raises(RLBookError, match=match):
+        check_sharding(cfg, acc, get_task(cfg.task))
+    check_sharding(GRPO.config(), acc if case != "fsdp1" else SimpleNamespace(distributed_type=DistributedType.FSDP,
+                                                                               is_fsdp2=True), get_task("addition"))
 
 
 def test_two_processes_from_the_command_line(tmp_path):

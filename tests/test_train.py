@@ -61,23 +61,57 @@ def one_and_two_processes(tmp_path_factory):
     two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
                           str(script), str(root / "two"), *DIST_METHODS], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    return root, one.stdout, two.stdout
+    fsdp = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29518",
+                           str(script), str(root / "fsdp"), *DIST_METHODS], env={**ENV, "RLBOOK_TEST_FSDP": "1"},
+                          capture_output=True, text=True)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    return root, one.stdout, two.stdout + fsdp.stdout
 
 
+@pytest.mark.parametrize("split", ["two", "fsdp"])
 @pytest.mark.parametrize("method", DIST_METHODS)
-def test_two_processes_equal_one_process_on_the_combined_batch(one_and_two_processes, method):
-    "Same completions, same update: scores, advantages, batch whitening, normalisers and gradient averaging over 2 processes."
+def test_two_processes_equal_one_process_on_the_combined_batch(one_and_two_processes, method, split):
+    """Same completions, same update: scores, advantages, batch whitening, normalisers and gradient averaging over 2
+    processes, with whole weights on each (DDP) or sharded by accelerate's FSDP2 with configs/fsdp.yaml."""
     root, out1, out2 = one_and_two_processes
-    assert f"{method} world 1" in out1 and f"{method} world 2" in out2
-    w1, w2 = torch.load(root / "one" / f"{method}.pt"), torch.load(root / "two" / f"{method}.pt")
+    assert f"{method} world 1 \n" in out1 and f"{method} world 2 {'fsdp' if split == 'fsdp' else ''}\n" in out2
+    w1, w2 = torch.load(root / "one" / f"{method}.pt"), torch.load(root / split / f"{method}.pt")
     assert w1.keys() == w2.keys()
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert diff < 1e-6, diff
-    r1, r2 = (json.loads((root / d / f"{method}.json").read_text()) for d in ("one", "two"))
+    r1, r2 = (json.loads((root / d / f"{method}.json").read_text()) for d in ("one", split))
     assert r1["moved"] > 1e-3, "the update was (nearly) zero: the comparison would prove nothing"
     for k in ("loss", "reward/mean", "grad_norm"):  # the whole step's figures, not the main process's share
         if k in r1:
             assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
+
+
+def dist_script(out, mode: str, port: int, timeout: int = 300, **env):  # tests/dist_update.py OUT MODE in 2 processes
+    script = Path(__file__).with_name("dist_update.py")
+    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), str(script), str(out),
+                        mode], env={**ENV, **env}, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_generation_in_lockstep_with_sharded_weights(tmp_path):
+    "fully_shard's weights: a process whose rows have ended keeps joining forward passes; its samples are the whole model's."
+    dist_script(tmp_path, "lockstep", 29522)
+    for r in range(2):
+        got = json.loads((tmp_path / f"lockstep{r}.json").read_text())
+        assert got["sharded"] and not got["plain"]
+        assert got["lengths"][0] != got["lengths"][1], "both processes decoded equally long: nothing was in lockstep"
+        assert got["same_tokens"] and got["same_mask"] and got["logp_gap"] < 1e-5
+
+
+@pytest.mark.parametrize("split", ["ddp", "fsdp"])
+def test_two_processes_resume_exactly(tmp_path, split):
+    "Two GRPO steps (AdamW) in one go, or one step, a checkpoint, and a resumed second: the same weights, DDP or FSDP."
+    dist_script(tmp_path, "resume", 29523, timeout=600, RLBOOK_TEST_FSDP="1" if split == "fsdp" else "0")
+    got = json.loads((tmp_path / "resume.json").read_text())
+    assert got["world"] == 2 and got["sharded"] == (split == "fsdp")
+    assert got["second_step"] > 1e-4, "the second step changed nothing: the comparison would prove nothing"
+    assert got["resume"] < 1e-6  # optimizer state, weights and random streams restored on every process
+    assert got["checkpoint"] < 1e-6  # the checkpoint's model, read by plain from_pretrained, is the whole policy
 
 
 def test_statistics_of_the_whole_batch():
@@ -154,10 +188,7 @@ def test_shipped_warm_starts_keep_their_names():
 
 def test_statistics_over_processes_with_different_names(tmp_path):
     "over_processes: means averaged, parts and totals summed, a statistic one process lacks (or has as NaN) left out there."
-    script = Path(__file__).with_name("dist_update.py")
-    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29521", str(script),
-                        str(tmp_path), "stats"], env=ENV, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
+    dist_script(tmp_path, "stats", 29521, timeout=120)
     got = json.loads((tmp_path / "stats.json").read_text())
     assert got["means"]["reward/mean"] == pytest.approx(0.7)  # (0.2 + 1.2) / 2
     assert got["means"]["turns/total"] == pytest.approx(7)  # 3 + 4: a total
