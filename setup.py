@@ -19,7 +19,8 @@ setup(
     packages=find_packages(include=["rlbook", "rlbook.*"]),
     include_package_data=True,
     install_requires=c["requirements"].split(),
-    extras_require={"dev": c["dev_requirements"].split(), "trl": ["trl"], "vllm": ["vllm>=0.10.2,<0.18"]},
+    extras_require={"dev": c["dev_requirements"].split(), "trl": ["trl"], "vllm": ["vllm>=0.10.2,<0.18"],
+                    "deepspeed": ["deepspeed>=0.15"]},
     entry_points={"console_scripts": c["console_scripts"].split()},
     zip_safe=False,
 )

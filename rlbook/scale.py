@@ -18,7 +18,7 @@ from .dense_credit import correct_sampler
 from .lora import memory_estimate, model_shape, step_peak
 from .models import RLBookError, frozen_copy
 from .rollout import Rollout, encode_prompts, generate
-from .train import SAMPLERS
+from .train import NO_VLLM, SAMPLERS
 
 
 # %% ../nbs/72_scale.ipynb #c7200014
@@ -213,8 +213,7 @@ class VLLMSampler(Sampler):
             try:
                 from vllm import LLM, SamplingParams
             except ImportError:
-                raise RLBookError("--generator vllm needs vLLM, which is not installed: pip install 'rlbook[vllm]' "
-                                  "(Linux with a CUDA GPU)") from None
+                raise RLBookError(NO_VLLM) from None
             path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
             if not path:
                 raise RLBookError("--generator vllm loads the policy from a folder or hub id, and this policy has none "

@@ -2,6 +2,10 @@
 
     python tests/dist_update.py OUT sft grpo dpo ...      (or torchrun --nproc_per_node 2 tests/dist_update.py ...)
 
+With RLBOOK_TEST_SPLIT=fsdp, zero2 or zero3, the training state is split by configs/SPLIT.yaml (accelerate's FSDP2 or
+DeepSpeed on CPU processes, see below). Other modes, in place of the methods: `stats` (over_processes), `lockstep`
+(generate with fully_shard weights), `resume` (two steps straight vs. resumed), `cli FLAGS...` (`rlbook train FLAGS`).
+
 With RLBOOK_PER_PROCESS_STATS=1, each process whitens with its own share's statistics (the bug chapter `scale`
 measures). Writes each method's updated parameters (and its modules', e.g. PPO's critic) to OUT/METHOD.pt (main process) and
 the logged metrics row to OUT/METHOD.json. The test compares one process with two.
@@ -91,20 +95,28 @@ def groupwise_generate(model, tokenizer, prompts, *, generator=None, **kw):
 
 rollout.generate = groupwise_generate
 
-if os.environ.get("RLBOOK_TEST_FSDP") == "1":
-    # accelerate's FSDP with the settings of configs/fsdp.yaml, on CPU processes. accelerate reserves FSDP for GPU-like
-    # backends, but torch's fully_shard runs on gloo: this test alone tells accelerate it has "GPUs" that are the CPU.
+SPLIT = os.environ.get("RLBOOK_TEST_SPLIT", "")  # fsdp, zero2 or zero3: the weights split by configs/SPLIT.yaml
+if SPLIT:
+    # accelerate's FSDP or DeepSpeed with the settings of configs/SPLIT.yaml, on CPU processes. accelerate offers them
+    # only on GPU-like backends, but torch's fully_shard and DeepSpeed's CPU accelerator run on gloo: this script alone
+    # tells accelerate that it has "GPUs" which are the CPU, after setting the environment `accelerate launch` would.
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-    launch = launch_command_parser().parse_args(["--config_file", str(Path(__file__).parents[1] / "configs" / "fsdp.yaml"),
-                                                 "train.py"])
-    fsdp_env = prepare_multi_gpu_env(_validate_launch_command(launch)[0])  # what `accelerate launch` would set
-    os.environ.update({k: v for k, v in fsdp_env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))},
-                      ACCELERATE_TORCH_DEVICE="cpu")
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     import rlbook.train as _train
+    launch, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", str(Path(__file__).parents[1] / "configs" / f"{SPLIT}.yaml"), "train.py"]))
+    if SPLIT == "fsdp":
+        split_env = prepare_multi_gpu_env(launch)
+    else:
+        launch.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        split_env = prepare_deepspeed_cmd_env(launch)[1]
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo without oneCCL)
+    os.environ.update({k: v for k, v in split_env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_",
+                                                                         "ACCELERATE_CONFIG_DS_FIELDS"))},
+                      ACCELERATE_TORCH_DEVICE="cpu")
     PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: ("gloo",
                                                                                              DistributedType.MULTI_GPU)
     _train.on_cpu = lambda cfg: False
@@ -116,12 +128,17 @@ if os.environ.get("RLBOOK_PER_PROCESS_STATS") == "1":  # the bug chapter `scale`
 SETTINGS = {  # one step each, SGD, a whole-batch minibatch (several minibatches would be drawn differently per process),
     # no clipping (the clipped update is the gradient's direction only: it would hide a wrong scale)
     "sft": dict(batch_size=16, lr=0.05),
-    "grpo": dict(batch_size=16, group_size=4, lr=0.05, max_new_tokens=6),
+    "grpo": dict(batch_size=16, group_size=4, lr=0.05, max_new_tokens=6, grad_accum=2),  # 2 micro-batches an update
     "lite_ppo": dict(batch_size=16, group_size=4, lr=0.05, max_new_tokens=6),
     "reinforce_pp": dict(batch_size=16, group_size=1, lr=0.05, max_new_tokens=6),
     "ppo": dict(batch_size=16, group_size=1, minibatch_size=0, epochs=1, lr=0.05, max_new_tokens=6),
-    "dpo": dict(batch_size=16, lr=0.05),
+    "dpo": dict(batch_size=16, lr=0.05, grad_accum=2),
 }
+if sys.argv[2:3] == ["cli"]:  # the command line, its flags after "cli", under the split of RLBOOK_TEST_SPLIT
+    from rlbook.cli import main
+    rollout.generate = _generate  # the library's own sampling
+    sys.exit(main(["train", *sys.argv[3:], "--out", str(out)]))
+
 if sys.argv[2:] == ["resume"]:  # two GRPO steps (AdamW) straight, and one step then a resumed second: the same weights
     from transformers import AutoModelForCausalLM
 
@@ -132,6 +149,21 @@ if sys.argv[2:] == ["resume"]:  # two GRPO steps (AdamW) straight, and one step 
         return run, whole_state_dict(run.model, main_only=True)
 
     run, straight = grpo("straight", 2)
+    if SPLIT.startswith("zero"):  # DeepSpeed: the checkpoint holds the whole model, and --resume is refused
+        from rlbook.models import RLBookError
+        try:
+            grpo("straight", 3, resume=True)
+            refused = None
+        except RLBookError as e:
+            refused = str(e)
+        if run.accelerator.is_main_process:
+            from transformers.integrations import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()  # (ZeRO-3 would partition this load too, as in a training process)
+            saved = AutoModelForCausalLM.from_pretrained(out / "straight" / "checkpoint" / "model").state_dict()
+            (out / "resume.json").write_text(json.dumps({
+                "checkpoint": max(float((saved[k] - straight[k]).abs().max()) for k in saved), "refused": refused,
+                "sharded": sharded(run.model), "world": run.world}))
+        sys.exit(0)
     _, first = grpo("resumed", 1)
     run, resumed = grpo("resumed", 2, resume=True)
     if run.accelerator.is_main_process:
@@ -155,8 +187,8 @@ for name in sys.argv[2:]:
         return torch.optim.SGD(params, lr=c.lr)
 
     run = train(cfg, method, make_optimizer=sgd)
-    fsdp = sharded(run.model)  # the parameters are this process's shards: the weights are compared whole, below
-    moved = None if fsdp else max(float((p.detach().cpu() - p0.cpu()).abs().max()) for p, p0 in zip(
+    # split: the parameters may be this process's shards; the weights are compared whole, below
+    moved = None if SPLIT else max(float((p.detach().cpu() - p0.cpu()).abs().max()) for p, p0 in zip(
         [p for p in run.policy.parameters() if p.requires_grad] +
         [p for m in run.modules.values() for p in m.parameters() if p.requires_grad], start))
     whole = {"policy": whole_state_dict(run.model, main_only=True),  # every process sends its shards
@@ -166,4 +198,4 @@ for name in sys.argv[2:]:
         torch.save(weights, out / f"{name}.pt")
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         (out / f"{name}.json").write_text(json.dumps({**rows[0], "moved": moved}))
-        print(name, "world", run.world, "fsdp" if fsdp else "")
+        print(name, "world", run.world, SPLIT, "sharded" if sharded(run.model) else "whole")

@@ -196,60 +196,58 @@ def test_per_process_memory_splits_what_the_table_says():
 def test_the_accelerate_configs_are_valid_and_say_how_to_launch():
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    files = sorted((ROOT / "configs").glob("*.yaml"))
-    assert [f.stem for f in files] == ["ddp", "fsdp"]
-    for f in files:
+    files = {f.stem: f for f in sorted((ROOT / "configs").glob("*.yaml"))}
+    assert list(files) == ["ddp", "fsdp", "zero2", "zero3"]
+    for name, f in files.items():
         text = f.read_text()
-        assert text.startswith("# ") and f"accelerate launch --config_file configs/{f.name}" in text and "torchrun" in text
+        assert text.startswith("# ") and f"accelerate launch --config_file configs/{name}.yaml" in text and "torchrun" in text
         cfg = ClusterConfig.from_yaml_file(str(f))  # accelerate's own reader: unknown keys are an error
-        assert cfg.num_processes >= 2 and str(getattr(cfg.mixed_precision, "value", cfg.mixed_precision)) == "no"  # the run's --mixed-precision decides
-    assert ClusterConfig.from_yaml_file(str(files[0])).distributed_type.value == "MULTI_GPU"
-    args = launch_command_parser().parse_args(["--config_file", str(files[1]), "train.py"])
-    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])  # what `accelerate launch` sets for the processes
+        assert cfg.num_processes >= 2 and str(getattr(cfg.mixed_precision, "value", cfg.mixed_precision)) == "no"
+    assert ClusterConfig.from_yaml_file(str(files["ddp"])).distributed_type.value == "MULTI_GPU"
+
+    def launch_env(name):  # what `accelerate launch --config_file configs/NAME.yaml` sets for the processes
+        args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+            ["--config_file", str(files[name]), "train.py"]))
+        if name == "fsdp":
+            return prepare_multi_gpu_env(args)
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return prepare_deepspeed_cmd_env(args)[1]
+
+    env = launch_env("fsdp")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"  # the loop refuses version 1
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    for stage in ("2", "3"):
+        env = launch_env(f"zero{stage}")
+        assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
 
 
-def test_deepspeed_is_refused_in_one_line(tmp_path, monkeypatch):
-    "DeepSpeed's engine steps inside backward with its own accumulation: the loop refuses it before any model."
-    import accelerate
-    from accelerate.utils import DistributedType
-
-    import rlbook.train as train_module
-
-    class DeepSpeed(accelerate.Accelerator):
-        @property
-        def distributed_type(self):
-            return DistributedType.DEEPSPEED
-
-    monkeypatch.setattr(train_module, "Accelerator", DeepSpeed)
-    with pytest.raises(RLBookError, match="accelerate's DeepSpeed is not supported.*configs/fsdp.yaml.*configs/ddp.yaml"):
-        train(GRPO.config(steps=1, device="cpu", progress=False, out=str(tmp_path / "r")), GRPO)
-    assert not (tmp_path / "r").exists()
-
-
-@pytest.mark.parametrize("case, match", [
-    ("fsdp1", "FSDP version 1 is not supported: set fsdp_version: 2"),
-    ("peft", "--use-peft with FSDP is not supported"),
-    ("engine", "--generator copy with FSDP is not supported"),
-    ("environment", "guess_number with FSDP is not supported.*number of turns"),
+@pytest.mark.parametrize("kind, case, match", [
+    ("FSDP", "fsdp1", "FSDP version 1 is not supported: set fsdp_version: 2"),
+    ("FSDP", "peft", "--use-peft with FSDP is not supported"),
+    ("FSDP", "engine", "--generator copy with FSDP is not supported"),
+    ("FSDP", "environment", "guess_number with FSDP is not supported.*number of turns"),
+    ("DEEPSPEED", "peft", "--use-peft with DeepSpeed is not supported"),
+    ("DEEPSPEED", "environment", "guess_number with DeepSpeed is not supported"),
+    ("DEEPSPEED", "resume", "--resume with DeepSpeed is not supported: its ZeRO optimizer keeps its state in per-process"),
+    ("DEEPSPEED", "modules", "DeepSpeed wraps one model per engine, and this method builds more \\(value: a critic"),
 ])
-def test_what_fsdp_cannot_run_is_refused_in_one_line(case, match):
+def test_what_a_split_cannot_run_is_refused_in_one_line(kind, case, match):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     import rlbook.agents  # noqa: F401  (registers guess_number)
     from rlbook.train import check_sharding
-    acc = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=case != "fsdp1")
+    acc = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=case != "fsdp1")
     cfg = GRPO.config(use_peft=case == "peft", generator="copy" if case == "engine" else "builtin",
-                      task="guess_number" if case == "environment" else "addition")
+                      task="guess_number" if case == "environment" else "addition", resume=case == "resume")
+    modules = {"value": torch.nn.Linear(1, 1)} if case == "modules" else {}
     with pytest.raises(RLBookError, match=match):
-        check_sharding(cfg, acc, get_task(cfg.task))
-    check_sharding(GRPO.config(), acc if case != "fsdp1" else SimpleNamespace(distributed_type=DistributedType.FSDP,
-                                                                               is_fsdp2=True), get_task("addition"))
+        check_sharding(cfg, acc, get_task(cfg.task), modules)
+    acc.is_fsdp2 = True
+    check_sharding(GRPO.config(), acc, get_task("addition"), {})  # the same split, with what it can run
 
 
 def test_two_processes_from_the_command_line(tmp_path):
@@ -347,3 +345,14 @@ def test_a_qwen2_model_trains_from_the_command_line(qwen2_folder, tmp_path, meth
     assert "held-out accuracy" in p.stdout and len((out / "metrics.jsonl").read_text().splitlines()) == 3
     saved = out / "checkpoint" / "model"
     assert (saved / ("adapter_config.json" if "--use-peft" in extra else "config.json")).is_file()
+
+
+def test_a_deepspeed_config_without_deepspeed_says_how_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RLBookError, match=r"asks for DeepSpeed, which is not installed: pip install 'rlbook\[deepspeed\]'"):
+        train(GRPO.config(steps=1, device="cpu", progress=False, out=str(tmp_path / "r")), GRPO)
+    assert not (tmp_path / "r").exists()

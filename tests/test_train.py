@@ -47,6 +47,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert torch.equal(weights(full / "checkpoint" / "model"), weights(killed / "checkpoint" / "model"))
 
 
+SPLITS = ("fsdp", "zero2", "zero3")  # configs/*.yaml that shard the training state (tests/dist_update.py runs them on CPUs)
 DIST_METHODS = ("sft", "grpo", "lite_ppo", "reinforce_pp", "ppo", "dpo")  # batch-level statistics: lite_ppo's std, the whitening of reinforce_pp and ppo
 
 
@@ -61,20 +62,29 @@ def one_and_two_processes(tmp_path_factory):
     two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
                           str(script), str(root / "two"), *DIST_METHODS], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    fsdp = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29518",
-                           str(script), str(root / "fsdp"), *DIST_METHODS], env={**ENV, "RLBOOK_TEST_FSDP": "1"},
-                          capture_output=True, text=True)
-    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    return root, one.stdout, two.stdout + fsdp.stdout
+    outs = two.stdout
+    for split in SPLITS:  # the weights split by configs/SPLIT.yaml (DeepSpeed wraps one model: no PPO, whose critic is a second)
+        methods = [m for m in DIST_METHODS if split == "fsdp" or m != "ppo"]
+        p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29518", str(script),
+                            str(root / split), *methods], env={**ENV, "RLBOOK_TEST_SPLIT": split}, capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs += p.stdout
+    return root, one.stdout, outs
 
 
-@pytest.mark.parametrize("split", ["two", "fsdp"])
+@pytest.mark.parametrize("split", ["two", *SPLITS])
 @pytest.mark.parametrize("method", DIST_METHODS)
 def test_two_processes_equal_one_process_on_the_combined_batch(one_and_two_processes, method, split):
     """Same completions, same update: scores, advantages, batch whitening, normalisers and gradient averaging over 2
-    processes, with whole weights on each (DDP) or sharded by accelerate's FSDP2 with configs/fsdp.yaml."""
+    processes, with whole weights on each (DDP) or split by configs/fsdp.yaml, zero2.yaml (optimizer state and
+    gradients) or zero3.yaml (weights too); grpo and dpo take two micro-batches an update."""
+    if method == "ppo" and split.startswith("zero"):
+        pytest.skip("DeepSpeed wraps one model: PPO's critic is refused (test_scale checks the refusal)")
     root, out1, out2 = one_and_two_processes
-    assert f"{method} world 1 \n" in out1 and f"{method} world 2 {'fsdp' if split == 'fsdp' else ''}\n" in out2
+    held = {"two": "whole", "fsdp": "sharded", "zero2": "whole", "zero3": "sharded"}[split]
+    assert f"{method} world 1  whole\n" in out1
+    assert f"{method} world 2 {'' if split == 'two' else split} {held}\n" in out2
     w1, w2 = torch.load(root / "one" / f"{method}.pt"), torch.load(root / split / f"{method}.pt")
     assert w1.keys() == w2.keys()
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
@@ -106,7 +116,7 @@ def test_generation_in_lockstep_with_sharded_weights(tmp_path):
 @pytest.mark.parametrize("split", ["ddp", "fsdp"])
 def test_two_processes_resume_exactly(tmp_path, split):
     "Two GRPO steps (AdamW) in one go, or one step, a checkpoint, and a resumed second: the same weights, DDP or FSDP."
-    dist_script(tmp_path, "resume", 29523, timeout=600, RLBOOK_TEST_FSDP="1" if split == "fsdp" else "0")
+    dist_script(tmp_path, "resume", 29523, timeout=600, RLBOOK_TEST_SPLIT="fsdp" if split == "fsdp" else "")
     got = json.loads((tmp_path / "resume.json").read_text())
     assert got["world"] == 2 and got["sharded"] == (split == "fsdp")
     assert got["second_step"] > 1e-4, "the second step changed nothing: the comparison would prove nothing"
@@ -195,3 +205,27 @@ def test_statistics_over_processes_with_different_names(tmp_path):
     assert got["means"]["len/wrong"] == pytest.approx(4.0)  # only process 1 has it
     assert got["means"]["entropy"] == pytest.approx(0.5)  # process 0's NaN left out
     assert got["parts"]["loss"] == pytest.approx(4.0)  # 1.5 + 2.5
+
+
+@pytest.mark.parametrize("split", ["zero2", "zero3"])
+def test_deepspeed_checkpoints_hold_the_whole_model_and_refuse_resume(tmp_path, split):
+    "ZeRO's optimizer state stays in per-process shards: the checkpoint holds the whole model, and --resume says why not."
+    dist_script(tmp_path, "resume", 29524, timeout=600, RLBOOK_TEST_SPLIT=split)
+    got = json.loads((tmp_path / "resume.json").read_text())
+    assert got["world"] == 2 and got["sharded"] == (split == "zero3")
+    assert got["checkpoint"] < 1e-6  # ZeRO-3: gathered from both processes
+    assert got["refused"].startswith("--resume with DeepSpeed is not supported")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_the_command_line_under_a_split(tmp_path, split):
+    "`rlbook train` with the training state split by configs/SPLIT.yaml: one summary, the metric rows, a whole-model checkpoint."
+    out = tmp_path / "run"
+    script = Path(__file__).with_name("dist_update.py")
+    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29525", str(script), str(out),
+                        "cli", "grpo", "--batch-size", "16", "--group-size", "4", "--steps", "2", "--eval-n", "8"],
+                       env={**ENV, "RLBOOK_TEST_SPLIT": split}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("held-out accuracy") == 1 and "over 2 processes" in p.stderr
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert (out / "checkpoint" / "model" / "model.safetensors").exists()
