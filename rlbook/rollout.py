@@ -159,7 +159,7 @@ def sharded(
     if any(c.__name__ in ("FSDPModule", "FullyShardedDataParallel") for c in type(model).__mro__):  # the usual: the root
         return True
     p = next(model.parameters(), None)  # (FSDP2 shows its sharded DTensors only between forward passes: not a test)
-    return p is not None and hasattr(p, "ds_id") or any(
+    return (p is not None and hasattr(p, "ds_id")) or any(  # DeepSpeed ZeRO-3; FSDP on a submodule only
         c.__name__ in ("FSDPModule", "FullyShardedDataParallel") for m in model.modules() for c in type(m).__mro__)
 
 

@@ -51,6 +51,9 @@ from .models import (RLBookError, AdapterDisabled, apply_lora, frozen_copy, has_
                            load_policy, seed_everything)
 from .rollout import evaluate, is_environment, play, sharded
 from .tasks import checked_rewards, get_task
+if not torch.cuda.is_available():  # accelerate imports DeepSpeed where it is installed (configs/zero*.yaml): name its CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # accelerator here, or its auto-detection prints a warning per process
+
 
 # %% ../nbs/04_train.ipynb #9edfd289
 @dataclass
