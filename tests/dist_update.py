@@ -49,7 +49,7 @@ if sys.argv[2:] == ["lockstep"]:  # generate with weights sharded by torch's ful
     from torch.distributed.fsdp import fully_shard
 
     from rlbook.models import load_policy
-    from rlbook.rollout import generate, sharded
+    from rlbook.rollout import generate
     from rlbook.tasks import get_task
     from rlbook.train import resolve_model
     torch.distributed.init_process_group("gloo")
