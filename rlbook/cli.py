@@ -32,7 +32,7 @@ from .dense_credit import CISPO, GRPO_TIS, IMPLICIT_PRM, PRIME, SAPO
 from .dpo import CDPO, DPO, FDPO, IPO, KTO, RDPO, RPO, SIMPO
 from .entropy import GRPO_ENTROPY
 from .grpo import DAPO, DR_GRPO, GRPO, GSPO, LITE_PPO, NFT
-from .lora import memory_estimate, merge_adapter, method_memory
+from .lora import merge_adapter, method_memory
 from .models import RLBookError, check_policy_name, load_policy, pick_device
 from .nash import DNO, INPO, NASH_MD, SPPO
 from .online_dpo import HYPO, ONLINE_DPO, SPIN, XPO
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 80], help="GPU sizes to compare the peak with")
     me.add_argument("--processes", type=int, default=1, help="data-parallel processes (GPUs) sharing the batch (chapter `scale`)")
     me.add_argument("--strategy", default="ddp", choices=["ddp", "zero2", "fsdp", "zero3"],
-                    help="what the processes would split: the memory arithmetic of chapter `scale` (the loop runs ddp)")
+                    help="what the processes split: configs/STRATEGY.yaml (fsdp splits as zero3 does; chapter `scale`)")
     mg = sub.add_parser("merge", help="a LoRA run's adapter merged into its base model: a plain transformers model folder")
     mg.add_argument("run_dir", help="the --out folder of a run trained with --use-peft (or its checkpoint folder)")
     mg.add_argument("--out", required=True, help="the folder to write (AutoModelForCausalLM.from_pretrained reads it)")
@@ -407,11 +407,9 @@ def cmd_memory(args) -> dict:  # memory_estimate's result
     settings = dict(micro_batch=rows // args.processes // args.grad_accum, prompt_tokens=args.prompt_tokens,
                     max_new_tokens=args.max_new_tokens, dtype=args.dtype, use_peft=args.use_peft, lora_r=args.lora_r,
                     lora_target_modules=args.lora_target_modules, gradient_checkpointing=args.gradient_checkpointing, **kind)
-    if args.processes == 1 and args.strategy == "ddp":
-        est = memory_estimate(args.model, batch_size=args.batch_size, **settings)
-    else:  # one process's share of the batch, and of the state its strategy splits (chapter scale)
-        est = per_process_memory(args.model, strategy=args.strategy, processes=args.processes,
-                                 batch_size=args.batch_size, **settings)
+    # one process's share of the batch, and of the state its strategy splits (chapter scale; 1 process: the whole)
+    est = per_process_memory(args.model, strategy=args.strategy, processes=args.processes, batch_size=args.batch_size,
+                             **settings)
     procs = f", one of {args.processes} processes ({args.strategy})" if args.processes > 1 else ""
     print(f"{args.model}, {args.method}: {est['params'] / 1e6:.2f} M parameters, {est['trainable'] / 1e6:.2f} M trainable, "
           f"{args.dtype}{procs}")

@@ -33,7 +33,7 @@ SHARDED = {  # strategy -> the parts of the training state that each of K proces
 def per_process_memory(
     model: str,  # as chapter lora's memory_estimate: 'tiny', 'smollm2-135m', 'gpt2', 'Qwen/Qwen2.5-0.5B-Instruct', ...
     *,
-    strategy: str = "ddp",  # a key of SHARDED (the loop itself runs ddp only)
+    strategy: str = "ddp",  # a key of SHARDED (the configs/ file of the same name; fsdp's is also zero3's split)
     processes: int = 1,  # K
     batch_size: int = 64,  # sequences a step, all processes together
     **estimate,  # the other arguments of memory_estimate (micro_batch per process, lengths, dtype, use_peft, ...)

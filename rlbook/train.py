@@ -1528,12 +1528,12 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
                                    fused=True if cfg.optim == "adamw_torch_fused" else None))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: min(1.0, (u + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed:  # its engine's batch arithmetic and clipping, from the run's own settings (never "auto")
-        micro_rows = (cfg.minibatch_size or cfg.batch_size) // accelerator.num_processes // cfg.grad_accum
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=micro_rows, gradient_accumulation_steps=cfg.grad_accum,
-            train_batch_size=micro_rows * cfg.grad_accum * accelerator.num_processes,
+    mb_size = (cfg.minibatch_size or cfg.batch_size) // accelerator.num_processes  # per process
+    micro = mb_size // cfg.grad_accum
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine's batch arithmetic and clipping, from
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(  # the run's own settings (never "auto")
+            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.grad_accum,
+            train_batch_size=micro * cfg.grad_accum * accelerator.num_processes,
             gradient_clipping=float(cfg.max_grad_norm))  # 0: none, as in the loop
         accelerator.gradient_accumulation_steps = cfg.grad_accum
     if accelerator.is_fsdp2:
@@ -1561,8 +1561,6 @@ def _train(cfg, method, options, accelerator, policy, tokenizer, task, evaluate_
     if REPORT_TO[cfg.report_to]:  # --report-to: the same rows, under the glossary's names, to a tracker
         accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else Path(cfg.out).name,
                                   config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
-    mb_size = (cfg.minibatch_size or cfg.batch_size) // accelerator.num_processes  # per process
-    micro = mb_size // cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {Path(cfg.out).name}", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
     t0 = time.time()
