@@ -61,3 +61,21 @@ def test_precision_reaches_the_children_through_the_environment(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["grpo_vs_trl.py", "--precision", "fp16"])
     with pytest.raises(SystemExit):
         common.arguments("doc", "12")
+
+
+def test_profile_step_splits_a_tiny_step_into_phases(tmp_path, monkeypatch):
+    "The child measures every phase of steps 2..N; the phases fit inside the step; the table adds up to the step."
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--child", "profile", "tiny", "3",
+                        "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = __import__("json").loads(next(line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")))
+    for k in ("sampling", "training forward", "backward", "gradient norm", "optimizer step"):
+        assert r["phases"][k] > 0, k
+    assert sum(r["phases"].values()) <= r["step_s"] * 1.05  # clocks inside the step, none nested in another
+    assert abs(sum(r["split"].values()) - 1) < 1e-9 and r["split"]["matrix products"] > 0
+    import profile_step
+    monkeypatch.setattr(profile_step, "append_csv", lambda name, rows: rows_seen.extend(rows))
+    rows_seen = []
+    profile_step.print_table("tiny", 3, r, 1)
+    row = rows_seen[0]
+    assert abs(sum(row[k] for k in profile_step.PHASES) - row["step_s"]) < 1e-3  # "the rest" closes the sum
