@@ -187,8 +187,12 @@ class GPT2Decoder:
     @staticmethod
     def supports(model, past) -> bool:  # the configuration this step reproduces exactly
         cfg = model.config
+        plain = (type(m).__name__ == "Conv1D" for b in model.transformer.h  # not LoRA-wrapped or quantized layers
+                 for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+        hooked = (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
         return (cfg._attn_implementation == "sdpa" and not cfg.add_cross_attention and hasattr(past, "layers")
-                and not sharded(model) and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
+                and "forward" not in vars(model)  # a forward replaced, as accelerate's autocast replaces it
+                and not sharded(model) and all(plain) and not any(hooked))
 
     def __init__(self, model, past, length: int, total: int):  # past: the prompt pass's cache, `length` positions
         self.model, self.L = model, length

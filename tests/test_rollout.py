@@ -58,6 +58,7 @@ def test_dropping_finished_rows_changes_no_sample(tiny, monkeypatch):
     kw = dict(group_size=8, max_new_tokens=24)
     fast = generate(model, tok, PROMPTS, **kw, generator=torch.Generator().manual_seed(3))
     monkeypatch.setattr(R, "_drop_rows", lambda past, keep: False)  # a cache that cannot drop rows
+    monkeypatch.setattr(R, "DECODERS", {})  # (transformers' forward pass, whose cache _drop_rows serves)
     slow = generate(model, tok, PROMPTS, **kw, generator=torch.Generator().manual_seed(3))
     assert fast.lengths.min() < fast.lengths.max()
     assert torch.equal(fast.completion_ids, slow.completion_ids)
@@ -100,3 +101,17 @@ def test_token_frequencies_match_the_softmax():
             keep = (want.cumsum(-1) - want) < p
             want = torch.where(keep, want, 0.0) / want[keep].sum()
         assert (freq - want).abs().max() < 4 * (0.25 / len(tokens)) ** 0.5, (tau, p, freq, want)
+
+
+def test_training_under_bf16_autocast_samples_as_the_models_forward(tmp_path, monkeypatch):
+    "accelerate's mixed precision replaces the policy's forward with an autocast one: sampling must go through it."
+    from rlbook.grpo import GRPO
+    from rlbook.train import read_metrics, train
+    runs = {}
+    for name, decoders in (("book", dict(R.DECODERS)), ("forward", {})):
+        monkeypatch.setattr(R, "DECODERS", decoders)
+        cfg = GRPO.config(model="tiny", steps=2, batch_size=16, group_size=4, max_new_tokens=8, eval_every=0,
+                          eval_n=8, mixed_precision="bf16", out=str(tmp_path / name), progress=False, device="cpu")
+        train(cfg, GRPO)
+        runs[name] = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert runs["book"] == runs["forward"] and len(runs["book"]) >= 2
