@@ -12,8 +12,8 @@ __all__ = ['EVAL_SEED', 'POSITIVE', 'OPTIMIZERS', 'REPORT_TO', 'COUNTS', 'REALS'
            'load_checkpoint', 'undocumented_metrics', 'read_metrics', 'MetricsFigure', 'ema', 'plot_metrics',
            'seed_band', 'diagnose', 'describe_run', 'check_out', 'run_identity', 'config_changes', 'acquire_lock',
            'release_lock', 'remove_stale_temps', 'write_atomic', 'Interrupted', 'Stopper', 'adapt_policy',
-           'check_generator', 'on_cpu', 'check_sharding', 'train', 'setup_run', 'build_run', 'summed_over_processes',
-           'over_processes', 'backward', 'clip_gradients']
+           'check_generator', 'on_cpu', 'fresh_precision', 'check_sharding', 'train', 'setup_run', 'build_run',
+           'summed_over_processes', 'over_processes', 'backward', 'clip_gradients']
 
 # %% ../nbs/04_train.ipynb #2ef5d676
 import dataclasses
@@ -1298,6 +1298,16 @@ def on_cpu(cfg: TrainConfig) -> bool:  # does the run train on the CPU (asked fo
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
+def fresh_precision(
+    mixed_precision: str,  # the run's --mixed-precision
+) -> None:
+    "Let one process train runs of different precisions one after another (a notebook): accelerate keeps the first run's precision in a process-wide state and refuses any other; a single-process run starts from a fresh one."
+    from accelerate.state import AcceleratorState, PartialState
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # (the process state, devices and process group, is kept)
+
+
 def check_sharding(
     cfg: TrainConfig,  # use_peft, generator, resume
     accelerator,  # the run's Accelerator: how accelerate splits the model over processes
@@ -1355,6 +1365,7 @@ def train(
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and importlib.util.find_spec("deepspeed") is None:
         raise RLBookError("the accelerate config asks for DeepSpeed, which is not installed: pip install "
                           "'rlbook[deepspeed]' (configs/zero2.yaml, configs/zero3.yaml; chapter scale)")
+    fresh_precision(cfg.mixed_precision)
     accelerator = Accelerator(cpu=on_cpu(cfg), mixed_precision=cfg.mixed_precision,
                               log_with=REPORT_TO[cfg.report_to], project_dir=cfg.out)
     check_config(cfg, accelerator.num_processes)

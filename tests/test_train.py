@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlbook.train import checkpoint_step, find_checkpoint, read_metrics
+from rlbook.train import checkpoint_step, find_checkpoint, read_metrics, train
 
 from conftest import CLI, ENV, strip, weights
 
@@ -229,3 +229,12 @@ def test_the_command_line_under_a_split(tmp_path, split):
     assert p.stdout.count("held-out accuracy") == 1 and "over 2 processes" in p.stderr
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert (out / "checkpoint" / "model" / "model.safetensors").exists()
+
+
+def test_runs_of_different_precisions_in_one_process(tmp_path):
+    "accelerate keeps a process's first precision and refuses another; train starts each single-process run afresh."
+    from rlbook.grpo import GRPO
+    for i, mp in enumerate(("no", "bf16", "no")):
+        cfg = GRPO.config(model="tiny", steps=1, batch_size=8, group_size=4, max_new_tokens=4, eval_every=0, eval_n=4,
+                          mixed_precision=mp, out=str(tmp_path / f"{i}"), progress=False, device="cpu")
+        assert train(cfg, GRPO).accelerator.mixed_precision == mp
