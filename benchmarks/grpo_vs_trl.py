@@ -34,16 +34,21 @@ def prompts(n: int) -> list:
     return get_task("addition").sample(n, seed=0, split="train")
 
 
-def run_rlbook(name: str, steps: int) -> dict:
+def train_rlbook(name: str, steps: int, out: str, model, tok) -> None:
+    "rlbook's side of the comparison: `steps` GRPO steps of the benchmark's batch, metrics in `out`."
     from rlbook.grpo import GRPO, GRPOConfig
-    from rlbook.train import read_metrics, train
-    model, tok = build_model(name)
-    out = tempfile.mkdtemp()
+    from rlbook.train import train
     cfg = GRPO.config(model=name, steps=steps, batch_size=PROMPTS * GROUP, group_size=GROUP, lr=1e-6,
                       max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu", optim=OPTIM,
                       mixed_precision="bf16" if precision() == "bf16" else "no")
-    train(cfg, GRPO, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0),
-          evaluate_fn=lambda run: {})
+    train(cfg, GRPO, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0), evaluate_fn=lambda run: {})
+
+
+def run_rlbook(name: str, steps: int) -> dict:
+    from rlbook.train import read_metrics
+    model, tok = build_model(name)
+    out = tempfile.mkdtemp()
+    train_rlbook(name, steps, out, model, tok)
     rows = [r for r in read_metrics(f"{out}/metrics.jsonl") if "reward/mean" in r]
     shutil.rmtree(out, ignore_errors=True)  # the run's checkpoint: 1.6 GB for SmolLM2
     times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # step k's duration, k >= 1

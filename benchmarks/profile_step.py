@@ -22,9 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OPTIM, append_csv, build_model, run_child, stamp  # noqa: E402
+from common import append_csv, build_model, run_child, stamp  # noqa: E402
+from grpo_vs_trl import GROUP, NEW_TOKENS, PROMPTS, THREADS, prompts, train_rlbook  # noqa: E402  (the same step)
 
-PROMPTS, GROUP, NEW_TOKENS, THREADS = 8, 4, 32, 2
 PHASES = ("sampling: matrix products", "sampling: attention", "sampling: Exp(1) noise", "sampling: the rest",
           "training forward", "backward", "gradient norm", "optimizer step", "the rest")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
@@ -64,8 +64,6 @@ def run_profile(name: str, steps: int) -> dict:
     import rlbook.reinforce as reinforce
     import rlbook.rollout as rollout
     import rlbook.train as train_mod
-    from rlbook.grpo import GRPO, GRPOConfig
-    from rlbook.tasks import get_task
     spent, first = defaultdict(float), {}
     rollout.generate = clocked(rollout.generate, "sampling", spent)  # (play() looks it up here)
     reinforce.completion_logprobs = clocked(reinforce.completion_logprobs, "training forward", spent)
@@ -82,16 +80,13 @@ def run_profile(name: str, steps: int) -> dict:
     torch.optim.AdamW.step = step_then_mark
     model, tok = build_model(name)
     out = tempfile.mkdtemp()
-    cfg = GRPO.config(model=name, steps=steps, batch_size=PROMPTS * GROUP, group_size=GROUP, lr=1e-6,
-                      max_new_tokens=NEW_TOKENS, temperature=1.0, out=out, progress=False, device="cpu", optim=OPTIM)
-    train_mod.train(cfg, GRPO, policy=model, tokenizer=tok, options=GRPOConfig(beta=0.0), evaluate_fn=lambda run: {})
+    train_rlbook(name, steps, out, model, tok)
     rows = [r for r in train_mod.read_metrics(f"{out}/metrics.jsonl") if "reward/mean" in r]
     shutil.rmtree(out, ignore_errors=True)  # the run's checkpoint: 1.6 GB for SmolLM2
     n = len(rows) - 1  # steps 2..N
-    prompts = [e.prompt for e in get_task("addition").sample(PROMPTS, seed=0, split="train")]
     return {"step_s": (rows[-1]["time"] - rows[0]["time"]) / n,
             "phases": {k: (v - first.get(k, 0.0)) / n for k, v in spent.items()},
-            "split": sampling_split(model, tok, prompts)}
+            "split": sampling_split(model, tok, [e.prompt for e in prompts(PROMPTS)])}
 
 
 def main() -> int:
